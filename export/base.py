@@ -1,0 +1,137 @@
+"""The base decoder as one ONNX graph serving prefill, decode and tree verification (contract: BASE).
+
+Attention sees the whole past plus the new tokens allowed by ``tree_mask``; positions come from the
+caller (past + depth), so the same graph runs a causal chunk, one token, or a tree of candidates.
+Only standard ONNX ops (no contrib ops) so TensorRT's parser takes it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from spectrt.export.families import DecoderDims, HFWeights
+from spectrt.export.onnx_graph import GraphBuilder
+from spectrt.runtime.contract import BASE
+
+
+class _Shapes:
+    """Runtime dims computed once per graph from the inputs' shapes (1-D int64 tensors)."""
+
+    def __init__(self, g: GraphBuilder, ids: str, past_key0: str):
+        ids_shape = g.op("Shape", ids)
+        self.batch = g.op("Slice", ids_shape, g.const([0]), g.const([1]))
+        self.q = g.op("Slice", ids_shape, g.const([1]), g.const([2]))
+        self.past = g.op("Slice", g.op("Shape", past_key0), g.const([0]), g.const([1]))
+
+
+def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
+    # x: [B, q, H]; computed in fp32 like transformers' LlamaRMSNorm, then cast back
+    xf = g.op("Cast", x, to=1) if g.dtype != "float32" else x
+    var = g.op("ReduceMean", g.op("Mul", xf, xf), axes=[-1], keepdims=1)
+    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, "float32"))))
+    y = g.op("Mul", xf, inv)
+    if g.dtype != "float32":
+        y = g.op("Cast", y, to=10)
+    return g.op("Mul", y, weight)
+
+
+def _linear(g: GraphBuilder, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+    y = g.op("MatMul", x, g.weight(f"{name}.weight", w), name=name)  # w stored [in, out]
+    return g.op("Add", y, g.weight(f"{name}.bias", b)) if b is not None else y
+
+
+def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
+    # x: [B, q, heads, D]; rotate_half(x) = concat(-x2, x1)
+    x1, x2 = g.op("Split", x, g.const([half, half]), axis=-1, outputs=2)
+    rot = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rot, sin))
+
+
+def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray, rope_scaling: float,
+                     dtype: str, opset: int, producer: str):
+    g = GraphBuilder("spectrt_base", opset, dtype)
+    D, KVH, NH = dims.head_dim, dims.kv_heads, dims.num_heads
+    G = NH // KVH
+    cdims = {"hidden": dims.hidden, "vocab": dims.vocab, "kv_heads": KVH, "head_dim": D}
+    ins, outs = BASE.expand(dims.num_layers)
+    names = {s.name: g.add_input(s, cdims) for s in ins}
+    out_spec = {s.name: s for s in outs}
+    ids, pos, tree = names["input_ids"], names["position_ids"], names["tree_mask"]
+    shp = _Shapes(g, ids, "past_key.0")
+    minval = float(np.finfo(g.np_dtype).min)
+
+    # Attention bias over [past | new]: 0 where visible, finfo.min where masked.   # [B, 1, G*q, P+q]
+    tree_bias = g.op("Where", tree, g.const(0.0, "model"), g.const(minval, "model"))  # [B, q, q]
+    past_zero = g.op("ConstantOfShape", g.op("Concat", shp.batch, shp.q, shp.past, axis=0),
+                     value=helper.make_tensor("zero", 1 if dtype == "float32" else 10, [1], [0]))
+    bias = g.op("Unsqueeze", g.op("Concat", past_zero, tree_bias, axis=2), g.const([1]))  # [B, 1, q, P+q]
+    if G > 1:
+        bias = g.op("Tile", bias, g.const([1, 1, G, 1]))  # rows ordered (g, t) like the queries below
+
+    # Rotary tables from positions, in fp32.   # cos/sin: [B, q, 1, D]
+    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=1), g.const([-1])), g.const(inv_freq, "float32"))
+    emb = g.op("Concat", freqs, freqs, axis=-1)
+    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+    if rope_scaling != 1.0:
+        cos, sin = g.op("Mul", cos, g.const(rope_scaling, "float32")), g.op("Mul", sin, g.const(rope_scaling, "float32"))
+    if dtype != "float32":
+        cos, sin = g.op("Cast", cos, to=10), g.op("Cast", sin, to=10)
+    cos, sin = g.op("Unsqueeze", cos, g.const([2])), g.op("Unsqueeze", sin, g.const([2]))
+    scale = g.const(1.0 / np.sqrt(D), "model")
+
+    embed = g.weight("embed_tokens", weights.embed)  # [V, H], shared with a tied LM head
+    x = g.op("Gather", embed, ids, axis=0)  # [B, q, H]
+    for i in range(dims.num_layers):
+        p = f"layers.{i}"
+        h = _rms_norm(g, x, g.weight(f"{p}.input_norm", weights.layer(i, "input_layernorm.weight")), dims.rms_eps)
+        qkv = {}
+        for proj in ("q", "k", "v"):
+            qkv[proj] = _linear(g, h, weights.layer(i, f"self_attn.{proj}_proj.weight", True),
+                                weights.layer(i, f"self_attn.{proj}_proj.bias"), f"{p}.{proj}_proj")
+        q = g.op("Reshape", qkv["q"], g.const([0, 0, NH, D]))  # [B, q, NH, D]
+        k = g.op("Reshape", qkv["k"], g.const([0, 0, KVH, D]))  # [B, q, KVH, D]
+        v = g.op("Reshape", qkv["v"], g.const([0, 0, KVH, D]))
+        q, k = _rotate(g, q, cos, sin, D // 2), _rotate(g, k, cos, sin, D // 2)
+
+        new_k = g.add_output(out_spec[f"new_key.{i}"], cdims, g.op("Transpose", k, perm=[1, 0, 2, 3]))
+        new_v = g.add_output(out_spec[f"new_value.{i}"], cdims, g.op("Transpose", v, perm=[1, 0, 2, 3]))
+        keys = g.op("Concat", names[f"past_key.{i}"], new_k, axis=0)  # [S, B, KVH, D]
+        vals = g.op("Concat", names[f"past_value.{i}"], new_v, axis=0)
+        keys_t = g.op("Transpose", keys, perm=[1, 2, 3, 0])  # [B, KVH, D, S]
+        vals_t = g.op("Transpose", vals, perm=[1, 2, 0, 3])  # [B, KVH, S, D]
+
+        qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, KVH, G, D])), perm=[0, 2, 3, 1, 4])
+        qg = g.op("Reshape", qg, g.const([0, 0, -1, D]))  # [B, KVH, G*q, D]
+        scores = g.op("Add", g.op("Mul", g.op("MatMul", qg, keys_t), scale), bias)  # [B, KVH, G*q, S]
+        ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), vals_t)  # [B, KVH, G*q, D]
+        ctx = g.op("Transpose", g.op("Reshape", ctx, g.const([0, 0, G, -1, D])), perm=[0, 3, 1, 2, 4])
+        ctx = g.op("Reshape", ctx, g.const([0, 0, NH * D]))  # [B, q, NH*D]
+        attn = _linear(g, ctx, weights.layer(i, "self_attn.o_proj.weight", True),
+                       weights.layer(i, "self_attn.o_proj.bias"), f"{p}.o_proj")
+        x = g.op("Add", x, attn)
+
+        h = _rms_norm(g, x, g.weight(f"{p}.post_norm", weights.layer(i, "post_attention_layernorm.weight")),
+                      dims.rms_eps)
+        gate = _linear(g, h, weights.layer(i, "mlp.gate_proj.weight", True), weights.layer(i, "mlp.gate_proj.bias"),
+                       f"{p}.gate_proj")
+        up = _linear(g, h, weights.layer(i, "mlp.up_proj.weight", True), weights.layer(i, "mlp.up_proj.bias"),
+                     f"{p}.up_proj")
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+        down = _linear(g, act, weights.layer(i, "mlp.down_proj.weight", True), weights.layer(i, "mlp.down_proj.bias"),
+                       f"{p}.down_proj")
+        x = g.op("Add", x, down)
+
+    hidden = _rms_norm(g, x, g.weight("final_norm", weights.require("model.norm.weight")), dims.rms_eps)
+    flat = g.op("Reshape", hidden, g.const([-1, dims.hidden]))  # [B*q, H]
+    lm = weights.lm_head(dims.tied_embeddings)
+    lm_w = embed if lm is None else g.weight("lm_head", lm)  # [V, H]: tied weights are stored once
+    logits = g.op("Gemm", flat, lm_w, transB=1)  # [B*q, V]
+    logits = g.op("Reshape", logits, g.op("Concat", shp.batch, shp.q, g.const([dims.vocab]), axis=0))
+    g.add_output(out_spec["logits"], cdims, logits)
+    g.add_output(out_spec["hidden_states"], cdims, hidden)
+    g.add_output(out_spec["greedy_ids"], cdims, g.op("ArgMax", logits, axis=-1, keepdims=0))
+    # keep the output order of the contract: logits, hidden_states, greedy_ids, then per-layer KV
+    order = {s.name: n for n, s in enumerate(outs)}
+    g.outputs.sort(key=lambda vi: order[vi.name])
+    return g.model(producer)
+

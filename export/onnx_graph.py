@@ -1,0 +1,89 @@
+"""A small ONNX graph builder: named ops, initializers stored once, inputs/outputs from contract specs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from spectrt.runtime.contract import TensorSpec
+
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
+               "bool": TensorProto.BOOL, "int32": TensorProto.INT32}
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; ``op`` returns output names so code reads like the math."""
+
+    def __init__(self, name: str, opset: int, dtype: str):
+        self.name, self.opset, self.dtype = name, opset, dtype
+        self.np_dtype = np.dtype(dtype)
+        self.nodes, self.inputs, self.outputs, self.initializers = [], [], [], []
+        self._names: set[str] = set()
+        self._consts: dict = {}
+
+    def _unique(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    def weight(self, name: str, array: np.ndarray, dtype: str | None = None) -> str:
+        """A named initializer (a model weight), cast to the graph dtype unless ``dtype`` says otherwise."""
+        arr = np.ascontiguousarray(np.asarray(array, dtype=np.dtype(dtype) if dtype else self.np_dtype))
+        name = self._unique(name)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def const(self, value, dtype: str = "int64") -> str:
+        """A small shared constant (shapes, axes, scalars); deduplicated by value."""
+        arr = np.asarray(value, dtype=np.dtype(dtype) if dtype != "model" else self.np_dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight("const", arr, str(arr.dtype))
+        return self._consts[key]
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, name: str | None = None, **attrs):
+        """Add one node; returns its output name (or a list when ``outputs`` > 1 or a list of names)."""
+        base = name or op_type.lower()
+        outs = outputs if isinstance(outputs, list) else [self._unique(f"{base}_out") for _ in range(outputs)]
+        for o in outs if isinstance(outputs, list) else ():
+            self._names.add(o)
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._unique(base), **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def add_input(self, spec: TensorSpec, dims: dict) -> str:
+        shape, dtype = spec.resolve(dims, self.dtype)
+        self.inputs.append(helper.make_tensor_value_info(spec.name, ONNX_DTYPES[dtype], list(shape)))
+        self._names.add(spec.name)
+        return spec.name
+
+    def add_output(self, spec: TensorSpec, dims: dict, source: str) -> str:
+        """Expose ``source`` as the contract output ``spec`` (an Identity keeps names stable)."""
+        shape, dtype = spec.resolve(dims, self.dtype)
+        self.op("Identity", source, outputs=[spec.name], name=f"out_{spec.name}")
+        self.outputs.append(helper.make_tensor_value_info(spec.name, ONNX_DTYPES[dtype], list(shape)))
+        return spec.name
+
+    def model(self, producer: str) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+                                  producer_name="spectrt", producer_version=producer)
+        model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime >= 1.16 and TensorRT 10
+        return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[str]:
+    """Save with all weights in one external data file ``<name>.data``; returns the files written."""
+    path = Path(path)
+    data = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=1024)
+    files = [path.name]
+    if (path.parent / data).exists():
+        files.append(data)
+    return files

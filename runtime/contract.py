@@ -1,0 +1,145 @@
+"""The export <-> runtime I/O contract, declared once, as data.
+
+Every graph spectrt exports is described here: tensor names, symbolic shapes, dtypes and the
+validation tolerance of each output. The exporter builds graphs from these specs, the TensorRT
+builder derives optimization profiles from their dynamic axes, and the runtime checks its bindings
+against them. The version is written into every artifact manifest; a runtime refuses artifacts
+made under another contract version.
+
+Dimension names
+    batch     sequences per call (the runtime uses 1)
+    q         new tokens in this call: prompt chunk (prefill), 1 (decode) or tree nodes (verify)
+    past      tokens already in the KV cache
+    heads     number of draft heads K
+    topk      candidates per head returned by the draft LM head
+    frontier  tree nodes drafted in one sequential (Hydra) call
+    Fixed dims (hidden, vocab, kv_heads, head_dim, ...) are resolved from the manifest's model dims.
+
+KV layout: one cache per layer and per K/V, token-major ``[max_context, batch, kv_heads, head_dim]``.
+The graph's ``past_*`` inputs are the prefix view ``cache[:past]`` and its ``new_*`` outputs are bound to
+``cache[past:past + q]``: a contiguous slice right after the past, so no per-step copy or concat on the
+host. Rolling back is moving the integer ``past``.
+
+Tree mask: ``tree_mask[b, i, j]`` is true when new token i may attend to new token j (a node sees its
+ancestors and itself). The past is always fully visible, so no ``[q, past + q]`` mask is shipped.
+Positions of tree nodes are ``past + depth``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CONTRACT_VERSION = "1.0"
+
+# Dtype names used in specs. "model" resolves to the artifact's dtype (float32 or float16).
+MODEL_DTYPE = "model"
+NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "bool": "bool"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple  # str = named dim (dynamic or resolved from model dims), int = fixed
+    dtype: str  # "int64" | "bool" | "model" | "float32"
+    doc: str = ""
+    atol: float | None = None  # fp32 validation tolerance for outputs (None: exact / not compared)
+
+    def resolve(self, dims: dict, dtype: str) -> tuple[tuple, str]:
+        """Shape with fixed dims filled in from ``dims`` (dynamic names kept), concrete dtype."""
+        shape = tuple(dims.get(d, d) if isinstance(d, str) else d for d in self.shape)
+        return shape, (dtype if self.dtype == MODEL_DTYPE else self.dtype)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str  # file stem: DIR/<name>.onnx
+    inputs: tuple
+    outputs: tuple
+    dynamic: tuple  # names of the dynamic dims
+    per_layer_inputs: tuple = field(default=())  # expanded once per decoder layer
+    per_layer_outputs: tuple = field(default=())
+
+    def expand(self, num_layers: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        ins, outs = list(self.inputs), list(self.outputs)
+        for i in range(num_layers):
+            ins += [layer_spec(s, i) for s in self.per_layer_inputs]
+            outs += [layer_spec(s, i) for s in self.per_layer_outputs]
+        return ins, outs
+
+
+def layer_spec(spec: TensorSpec, layer: int) -> TensorSpec:
+    return TensorSpec(spec.name.format(layer=layer), spec.shape, spec.dtype, spec.doc, spec.atol)
+
+
+KV_SHAPE_PAST = ("past", "batch", "kv_heads", "head_dim")
+KV_SHAPE_NEW = ("q", "batch", "kv_heads", "head_dim")
+
+BASE = GraphSpec(
+    name="base",
+    inputs=(
+        TensorSpec("input_ids", ("batch", "q"), "int64", "token ids of the q new tokens"),
+        TensorSpec("position_ids", ("batch", "q"), "int64", "rotary positions: past + depth in the tree"),
+        TensorSpec("tree_mask", ("batch", "q", "q"), "bool", "new token i may attend new token j"),
+    ),
+    outputs=(
+        TensorSpec("logits", ("batch", "q", "vocab"), MODEL_DTYPE, "full-vocabulary logits", atol=1e-3),
+        TensorSpec("hidden_states", ("batch", "q", "hidden"), MODEL_DTYPE, "final-norm hidden states", atol=1e-3),
+        TensorSpec("greedy_ids", ("batch", "q"), "int64", "argmax of logits (first max on ties)"),
+    ),
+    per_layer_inputs=(
+        TensorSpec("past_key.{layer}", KV_SHAPE_PAST, MODEL_DTYPE, "view of cache[:past]"),
+        TensorSpec("past_value.{layer}", KV_SHAPE_PAST, MODEL_DTYPE, "view of cache[:past]"),
+    ),
+    per_layer_outputs=(
+        TensorSpec("new_key.{layer}", KV_SHAPE_NEW, MODEL_DTYPE, "bound to cache[past:past+q]", atol=1e-3),
+        TensorSpec("new_value.{layer}", KV_SHAPE_NEW, MODEL_DTYPE, "bound to cache[past:past+q]", atol=1e-3),
+    ),
+    dynamic=("batch", "q", "past"),
+)
+
+# Medusa heads: base hidden states -> the K heads' features (before the LM head).
+HEADS = GraphSpec(
+    name="heads",
+    inputs=(TensorSpec("hidden_states", ("batch", "hidden"), MODEL_DTYPE, "base hidden state of the last accepted token"),),
+    outputs=(TensorSpec("head_features", ("batch", "heads", "hidden"), MODEL_DTYPE, "per-head features", atol=1e-3),),
+    dynamic=("batch",),
+)
+
+# Draft LM head (possibly VocabTrim-ed): features -> per-head top-k full-vocabulary ids and scores.
+DRAFT_LM_HEAD = GraphSpec(
+    name="draft_lm_head",
+    inputs=(TensorSpec("head_features", ("batch", "heads", "hidden"), MODEL_DTYPE, "per-head features"),),
+    outputs=(
+        TensorSpec("topk_ids", ("batch", "heads", "topk"), "int64", "full-vocabulary ids, best first"),
+        TensorSpec("topk_scores", ("batch", "heads", "topk"), MODEL_DTYPE, "logits of those ids", atol=1e-3),
+    ),
+    dynamic=("batch",),
+)
+
+GRAPHS = {g.name: g for g in (BASE, HEADS, DRAFT_LM_HEAD)}
+
+# Defaults shared by export and runtime (one source of truth).
+DEFAULT_OPSET = 17  # TensorRT 10.x parses opsets up to 20; 17 keeps JetPack 6 (TRT 10.3) happy
+DEFAULT_MAX_CONTEXT = 2048
+DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per base call; bounds the logits buffer to chunk x vocab
+DEFAULT_TOPK = 10
+
+
+def model_dims(manifest_model: dict) -> dict:
+    """Fixed dims of a model, from the manifest's ``model`` section."""
+    keys = ("hidden", "vocab", "kv_heads", "head_dim", "num_layers", "num_heads")
+    return {k: manifest_model[k] for k in keys if k in manifest_model}
+
+
+def describe() -> str:
+    """The contract as Markdown tables (used to generate docs/CONTRACT.md)."""
+    lines = [f"# spectrt I/O contract v{CONTRACT_VERSION}", "", __doc__.strip(), ""]
+    for g in GRAPHS.values():
+        lines += [f"## `{g.name}.onnx`", "", f"Dynamic dims: {', '.join(g.dynamic)}", "",
+                  "| io | name | shape | dtype | atol | meaning |", "|---|---|---|---|---|---|"]
+        rows = [("in", s) for s in g.inputs] + [("in", s) for s in g.per_layer_inputs]
+        rows += [("out", s) for s in g.outputs] + [("out", s) for s in g.per_layer_outputs]
+        for io, s in rows:
+            shape = "[" + ", ".join(map(str, s.shape)) + "]"
+            lines.append(f"| {io} | `{s.name}` | `{shape}` | {s.dtype} | {s.atol or ''} | {s.doc} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Static candidate trees: lists of paths of top-k ranks, and the buffers derived from them once.
+
+A tree ``[[0], [0, 0], [1]]`` has a root (node 0, the token the base already chose) and one node per
+path: ``[0, 0]`` is "rank 0 of head 1 below rank 0 of head 0". Nodes are ordered by depth, so parents
+come first and an accepted root path has increasing node indices.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spectrt.runtime.errors import SpectrtError
+
+
+@dataclass(frozen=True)
+class Tree:
+    paths: tuple  # node i (i >= 1) is paths[i - 1]; node 0 is the root
+    parent: np.ndarray  # [q] int64, -1 for the root
+    depth: np.ndarray  # [q] int64, 0 for the root
+    rank: np.ndarray  # [q] int64, top-k rank at its depth (0 for the root)
+    mask: np.ndarray  # [q, q] bool, node i sees its ancestors and itself
+    children: tuple  # per node: {rank: child node}
+
+    @property
+    def size(self) -> int:
+        return len(self.parent)
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.rank.max())
+
+    @classmethod
+    def from_paths(cls, paths) -> "Tree":
+        try:
+            paths = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        except (TypeError, ValueError):
+            raise SpectrtError("a tree is a list of paths, each a list of top-k ranks, e.g. [[0], [0, 0], [1]]") from None
+        index = {(): 0}
+        for n, p in enumerate(paths, start=1):
+            if not p or min(p) < 0:
+                raise SpectrtError(f"tree path {list(p)}: paths are non-empty lists of ranks >= 0")
+            if p[:-1] not in index:
+                raise SpectrtError(f"tree path {list(p)} has no parent path {list(p[:-1])} in the tree")
+            index[p] = n
+        q = len(paths) + 1
+        parent = np.full(q, -1, np.int64)
+        depth = np.zeros(q, np.int64)
+        rank = np.zeros(q, np.int64)
+        mask = np.eye(q, dtype=np.bool_)
+        children = [dict() for _ in range(q)]
+        for p, n in index.items():
+            if n == 0:
+                continue
+            parent[n], depth[n], rank[n] = index[p[:-1]], len(p), p[-1]
+            children[parent[n]][p[-1]] = n
+            mask[n] = mask[parent[n]]
+            mask[n, n] = True
+        return cls(tuple(paths), parent, depth, rank, mask, tuple(children))
+
+    @classmethod
+    def chain(cls, length: int) -> "Tree":
+        """Rank-0 path of ``length`` nodes below the root (length 0: plain autoregressive decoding)."""
+        return cls.from_paths([[0] * d for d in range(1, length + 1)])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tree":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SpectrtError(f"{path}: cannot read tree ({e})") from None
+        return cls.from_paths(data["paths"] if isinstance(data, dict) else data)
+
+    def check_drafter(self, num_heads: int, topk: int) -> None:
+        if self.max_depth > num_heads:
+            raise SpectrtError(f"tree depth {self.max_depth} exceeds the {num_heads} draft heads")
+        if self.size > 1 and self.max_rank >= topk:
+            raise SpectrtError(f"tree uses rank {self.max_rank} but the draft LM head returns top-{topk}")
+
+    def accept(self, tokens: np.ndarray, greedy: np.ndarray) -> list[int]:
+        """Longest root path whose tokens equal the base's own choices; returns its node indices."""
+        path, node = [0], 0
+        while True:
+            want = greedy[node]
+            nxt = next((c for c in self.children[node].values() if tokens[c] == want), None)
+            if nxt is None:
+                return path
+            path.append(nxt)
+            node = nxt
+
+    def to_json(self) -> dict:
+        return {"paths": [list(p) for p in self.paths]}

@@ -1,0 +1,5 @@
+import sys
+
+from spectrt.cli import main
+
+sys.exit(main())

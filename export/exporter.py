@@ -15,7 +15,7 @@ from spectrt.export.base import build_base_graph
 from spectrt.export.families import HFWeights, decoder_dims, rope_tables
 from spectrt.export.onnx_graph import save_model
 from spectrt.export.sources import resolve_model, load_hf
-from spectrt.runtime.contract import CONTRACT_VERSION, DEFAULT_MAX_CONTEXT, DEFAULT_OPSET
+from spectrt.runtime.contract import CONTRACT_VERSION, DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.manifest import MANIFEST, load_artifact, sha256_file, write_manifest
 from spectrt.version import __version__
@@ -31,6 +31,10 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     max_context: int = DEFAULT_MAX_CONTEXT
     validate: bool = True
+    heads: str | None = None  # Medusa heads dir/checkpoint; "builtin": the heads shipped for a built-in model
+    no_heads: bool = False  # built-in models get their shipped heads unless this is set
+    topk: int = DEFAULT_TOPK
+    tree: str | None = None  # tree JSON or node count; None: the default size from the heads' accuracies
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -86,10 +90,11 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     out = Path(out_dir)
     prepare_output_dir(out)
     source = resolve_model(model_spec)
+    heads = _heads_path(o, source)
 
-    steps = _Steps(progress, total=5 if o.validate else 4)
+    steps = _Steps(progress, total=(5 if o.validate else 4) + (heads is not None))
     steps("loading model")
-    model, tok = load_hf(source, progress)
+    model, tok = load_hf(source, progress, check_config=decoder_dims)
     dims = decoder_dims(model.config)
     if dims.sliding_window is not None and o.max_context > dims.sliding_window:
         raise SpectrtError(f"max context {o.max_context} exceeds the model's sliding window {dims.sliding_window}; "
@@ -119,6 +124,13 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
             "graphs": {"base": file_record(tmp, files)},
             "tokenizer": write_tokenizer(tok, model, tmp),
         }
+        if heads is not None:
+            steps(f"building heads.onnx and draft_lm_head.onnx from {heads}")
+            from spectrt.export.draft_export import export_medusa
+
+            records, manifest["draft"] = export_medusa(heads, model, dims, tmp, dtype, o.opset, o.topk, o.tree,
+                                                       __version__, file_record)
+            manifest["graphs"].update(records)
         write_manifest(tmp, manifest)
         if o.validate:
             steps("validating against transformers (onnxruntime vs torch)")
@@ -126,6 +138,10 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
 
             ids = tok(VALIDATION_TEXT, add_special_tokens=False)["input_ids"][:32]
             checks = validate_base(load_artifact(tmp), model, ids)
+            if heads is not None:
+                from spectrt.export.draft_export import validate_medusa
+
+                checks += validate_medusa(load_artifact(tmp), model, heads, ids)
             manifest["validation"] = [c.row() for c in checks]
             for c in checks:
                 progress(f"  ok  {c.name}: max |delta| {c.max_abs:.2e} (atol {c.atol:.0e})")
@@ -136,6 +152,21 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _heads_path(o: ExportOptions, source) -> str | None:
+    from spectrt.export.draft_export import shipped_heads
+
+    if o.no_heads:
+        return None
+    if o.heads in (None, "builtin"):
+        shipped = shipped_heads(source.builtin)
+        if o.heads == "builtin" and shipped is None:
+            raise SpectrtError(f"no heads are shipped for '{source.name}'; pass --heads DIR")
+        return str(shipped) if shipped else None
+    if not Path(o.heads).exists():
+        raise SpectrtError(f"{o.heads}: no such heads directory or checkpoint")
+    return o.heads
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

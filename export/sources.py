@@ -104,13 +104,30 @@ def materialize(source: ModelSource, progress=print) -> Path:
     return target
 
 
-def load_hf(source: ModelSource | str, progress=print):
-    """(model, tokenizer) as transformers objects, fp32, eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def quiet_transformers() -> None:
+    """spectrt prints its own progress; keep transformers' warnings and bars off the terminal."""
+    from transformers.utils import logging
 
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_hf(source: ModelSource | str, progress=print, check_config=None):
+    """(model, tokenizer) as transformers objects, fp32, eval mode.
+
+    ``check_config(config)`` runs before any weights are read, so unsupported models fail fast.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
     if isinstance(source, str):
         source = resolve_model(source)
+    if check_config and not source.is_gguf:
+        try:
+            check_config(AutoConfig.from_pretrained(source.path))
+        except (OSError, ValueError, KeyError) as e:
+            raise SpectrtError(f"{source.name}: cannot read config.json ({str(e).splitlines()[0]})") from None
     path = materialize(source, progress)
     try:
         tok = AutoTokenizer.from_pretrained(path)

@@ -32,9 +32,13 @@ class Check:
                 "argmax_equal": self.argmax_equal, "ok": self.ok}
 
 
-def _atol(name: str, dtype: str) -> float:
-    spec = next(s for s in BASE.outputs if s.name == name)
+def dtype_atol(spec, dtype: str) -> float:
+    """The contract's fp32 tolerance of an output, scaled for the graph dtype."""
     return spec.atol * DTYPE_ATOL_SCALE[dtype]
+
+
+def _atol(name: str, dtype: str) -> float:
+    return dtype_atol(next(s for s in BASE.outputs if s.name == name), dtype)
 
 
 def _torch_logits(model, ids: list[int]):

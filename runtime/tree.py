@@ -6,6 +6,7 @@ come first and an accepted root path has increasing node indices.
 """
 from __future__ import annotations
 
+import heapq
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,23 @@ class Tree:
     def chain(cls, length: int) -> "Tree":
         """Rank-0 path of ``length`` nodes below the root (length 0: plain autoregressive decoding)."""
         return cls.from_paths([[0] * d for d in range(1, length + 1)])
+
+    @classmethod
+    def from_accuracy(cls, acc, size: int) -> "Tree":
+        """The ``size``-node tree (root included) maximising expected accepted length, Medusa-style.
+
+        ``acc[d][r]`` is the probability that rank r of head d is the base's token at depth d + 1. A path's
+        value is the product along it; values shrink down a path, so the best ``size - 1`` paths form a tree.
+        """
+        heap, paths = [(-acc[0][r], (r,)) for r in range(len(acc[0]))], []
+        heapq.heapify(heap)
+        while heap and len(paths) < size - 1:
+            neg, path = heapq.heappop(heap)
+            paths.append(path)
+            if len(path) < len(acc):
+                for r in range(len(acc[len(path)])):
+                    heapq.heappush(heap, (neg * acc[len(path)][r], path + (r,)))
+        return cls.from_paths(paths)
 
     @classmethod
     def load(cls, path: str | Path) -> "Tree":

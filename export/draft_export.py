@@ -1,0 +1,119 @@
+"""Export of the draft side: Medusa heads -> heads.onnx + draft_lm_head.onnx, the tree, validation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from spectrt.export.draft_graphs import build_draft_lm_head_graph, build_heads_graph
+from spectrt.export.onnx_graph import save_model
+from spectrt.runtime.contract import DEFAULT_TOPK, DRAFT_LM_HEAD, HEADS
+from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.ort_runner import OrtGraphRunner
+from spectrt.runtime.tree import Tree
+
+DEFAULT_TREE_NODES = 16  # root included; on 2 CPU cores verify at q=16 costs ~1.6x a q=1 step
+REPORT = "report.json"
+
+
+def shipped_heads(builtin: str | None) -> Path | None:
+    """Heads shipped in the repo for a built-in model (``spectrt/data/heads/<name>-medusa``), if any."""
+    if builtin is None:
+        return None
+    import spectrt
+
+    path = Path(spectrt.__file__).parent / "data" / "heads" / f"{builtin}-medusa"
+    return path if (path / "config.json").is_file() else None
+
+
+def head_accuracy(heads_dir: Path, num_heads: int, topk: int) -> list[list[float]]:
+    """acc[d][r]: probability that rank r of head d is right, from the distillation report when present.
+
+    Without a report, a conservative prior (accuracy halving per head and per rank) is used.
+    """
+    report = heads_dir / REPORT if heads_dir.is_dir() else None
+    if report is not None and report.is_file():
+        try:
+            heads = json.loads(report.read_text())["heads"]
+            acc = []
+            for h in heads[:num_heads]:
+                cum = [0.0] + [float(h[f"top{k}"]) for k in range(1, 6) if f"top{k}" in h]
+                marg = [max(cum[i + 1] - cum[i], 1e-6) for i in range(len(cum) - 1)]
+                tail = marg[-1]
+                acc.append((marg + [tail * 0.5 ** (i + 1) for i in range(topk - len(marg))])[:topk])
+            if len(acc) == num_heads:
+                return acc
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+            pass
+    return [[0.5 ** (d + 1) * 0.5 ** r for r in range(topk)] for d in range(num_heads)]
+
+
+def choose_tree(spec: str | None, heads_dir: Path, num_heads: int, topk: int) -> Tree:
+    """``spec``: a tree JSON path, a node count, or None (DEFAULT_TREE_NODES from the heads' accuracies)."""
+    if spec is not None and not str(spec).isdigit():
+        tree = Tree.load(spec)
+    else:
+        nodes = int(spec) if spec is not None else DEFAULT_TREE_NODES
+        if nodes < 2:
+            raise SpectrtError(f"a tree needs at least 2 nodes (root + 1 candidate), not {nodes}")
+        tree = Tree.from_accuracy(head_accuracy(heads_dir, num_heads, topk), nodes)
+    tree.check_drafter(num_heads, topk)
+    return tree
+
+
+def export_medusa(heads_path: str, model, dims, root: Path, dtype: str, opset: int, topk: int, tree_spec,
+                  producer: str, file_record) -> tuple[dict, dict]:
+    """Write heads.onnx and draft_lm_head.onnx into ``root``; returns (graph records, manifest draft section)."""
+    from spectrt.export.medusa import check_compatible, load_medusa
+
+    heads = load_medusa(heads_path)
+    check_compatible(heads, dims.hidden, dims.vocab)
+    c = heads.config
+    if not 1 <= topk <= dims.vocab:
+        raise SpectrtError(f"top-k {topk} outside 1..{dims.vocab}")
+    state = {k: v.detach().float().numpy() for k, v in heads.reference_state_dict().items()}
+    if c.version == "2":
+        lm = model.get_output_embeddings().weight.detach().float().numpy()  # [V, H], the base's LM head
+    else:
+        lm = np.stack([state[f"{h}.{c.num_layers}.weight"] for h in range(c.num_heads)])  # [K, V, H]
+    tree = choose_tree(tree_spec, Path(heads_path), c.num_heads, topk)
+    records = {}
+    graph = build_heads_graph(state, dims.hidden, dtype, opset, producer)
+    records["heads"] = file_record(root, save_model(graph, root / "heads.onnx"))
+    graph = build_draft_lm_head_graph(lm, c.num_heads, topk, dtype, opset, producer)
+    records["draft_lm_head"] = file_record(root, save_model(graph, root / "draft_lm_head.onnx"))
+    draft = {"kind": "medusa", "num_heads": c.num_heads, "num_layers": c.num_layers, "version": c.version,
+             "topk": topk, "source": str(heads_path), "dims": {"heads": c.num_heads, "topk": topk},
+             "tree": tree.to_json(), "lm_head_rows": int(lm.shape[-2])}
+    return records, draft
+
+
+def validate_medusa(artifact, model, heads_path: str, prompt_ids: list[int]) -> list:
+    """ORT heads + draft LM head vs the torch heads on the base's real hidden states."""
+    import torch
+
+    from spectrt.export.medusa import load_medusa
+    from spectrt.export.validate import Check, dtype_atol
+
+    heads = load_medusa(heads_path)
+    with torch.no_grad():
+        hidden = model(torch.tensor([prompt_ids]), output_hidden_states=True).hidden_states[-1][0]  # [n, H]
+        feats = heads.features(hidden)  # [n, K, H]
+        lm = model.get_output_embeddings().weight if heads.config.version == "2" else None
+        ref_scores, ref_ids = heads.logits(hidden, lm).topk(artifact.manifest["draft"]["topk"], dim=-1)
+    dtype = artifact.dtype
+    with OrtGraphRunner(artifact, "heads", len(prompt_ids)) as h, \
+            OrtGraphRunner(artifact, "draft_lm_head", len(prompt_ids)) as d:
+        f = h(hidden_states=hidden.numpy().astype(dtype))["head_features"]
+        out = d(head_features=f)
+        f_atol = dtype_atol(HEADS.outputs[0], dtype)
+        s_atol = dtype_atol(DRAFT_LM_HEAD.outputs[1], dtype)
+        same_top1 = bool((out["topk_ids"][..., 0] == ref_ids[..., 0].numpy()).all())
+        checks = [Check("heads features", float(np.abs(f - feats.numpy()).max()), f_atol),
+                  Check("draft top-k scores", float(np.abs(out["topk_scores"] - ref_scores.numpy()).max()), s_atol,
+                        same_top1)]
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise SpectrtError(f"validation failed: {failed[0].name}: max |delta| {failed[0].max_abs:.2e}")
+    return checks

@@ -1,0 +1,36 @@
+"""spectrt export -m MODEL -o DIR"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK
+
+    p = sub.add_parser("export", help="export a Hugging Face causal LM (and draft heads) to ONNX",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-m", "--model", default="smollm2-135m",
+                   help="HF model directory, .gguf file, or built-in name (smollm2-135m)")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="KV cache length in tokens")
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the ORT-vs-torch checks")
+    p.add_argument("--heads", default=None,
+                   help="Medusa heads (dir or checkpoint); 'builtin' = the heads shipped for a built-in model, "
+                        "which built-in models get by default")
+    p.add_argument("--no-heads", action="store_true", help="export the base model only")
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="candidates per head from the draft LM head")
+    p.add_argument("--tree", default=None,
+                   help="tree JSON (paths of top-k ranks) or a node count built from the heads' accuracies")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from spectrt.export.exporter import ExportOptions, export_model
+
+    options = ExportOptions(dtype=args.dtype, opset=args.opset, max_context=args.max_context, validate=args.validate,
+                            heads=args.heads, no_heads=args.no_heads, topk=args.topk, tree=args.tree)
+    out = export_model(args.model, args.output, options)
+    print(f"exported to {out}")
+    return 0

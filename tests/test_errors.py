@@ -1,0 +1,112 @@
+"""Bad input: one-line errors, exit code != 0, no traceback, nothing half-written."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def spectrt(*args):
+    r = subprocess.run([sys.executable, "-m", "spectrt", *map(str, args)], capture_output=True, text=True)
+    return r.returncode, r.stderr.strip()
+
+
+def assert_one_line_error(rc, err, match):
+    assert rc != 0
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert match in err, err
+
+
+@pytest.fixture
+def artifact_copy(tiny_exports, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(tiny_exports["llama"], dst)
+    return dst
+
+
+def test_missing_manifest(artifact_copy):
+    (artifact_copy / "manifest.json").unlink()
+    assert_one_line_error(*spectrt("generate", artifact_copy, "-p", "hi"), "manifest.json: missing")
+
+
+def test_corrupt_manifest(artifact_copy):
+    (artifact_copy / "manifest.json").write_text("{not json")
+    assert_one_line_error(*spectrt("generate", artifact_copy, "-p", "hi"), "corrupt manifest")
+
+
+def test_other_contract_version(artifact_copy):
+    m = json.loads((artifact_copy / "manifest.json").read_text())
+    m["contract_version"] = "0.1"
+    (artifact_copy / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(*spectrt("generate", artifact_copy, "-p", "hi"), "contract")
+
+
+def test_truncated_graph_data(artifact_copy):
+    data = artifact_copy / "base.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    assert_one_line_error(*spectrt("generate", artifact_copy, "-p", "hi"), "truncated or replaced")
+
+
+def test_corrupt_graph(artifact_copy):
+    m = json.loads((artifact_copy / "manifest.json").read_text())
+    (artifact_copy / "base.onnx").write_bytes(b"\x00garbage" * 10)
+    m["graphs"]["base"]["bytes"]["base.onnx"] = 80
+    (artifact_copy / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(*spectrt("generate", artifact_copy, "-p", "hi"), "cannot load the graph")
+
+
+def test_prompt_longer_than_context(tiny_exports):
+    rc, err = spectrt("generate", tiny_exports["llama"], "-p", "word " * 300, "--no-chat")
+    assert_one_line_error(rc, err, "max context is 256")
+
+
+def test_unknown_model_name(tmp_path):
+    rc, err = spectrt("export", "-m", "no-such-model", "-o", tmp_path / "out")
+    assert_one_line_error(rc, err, "unknown model 'no-such-model'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    from tests.conftest import _tokenizer
+
+    _tokenizer().save_pretrained(tmp_path / "gpt2")
+    rc, err = spectrt("export", "-m", tmp_path / "gpt2", "-o", tmp_path / "out")
+    assert_one_line_error(rc, err, "unsupported architecture 'gpt2' (supported: llama, mistral, qwen2)")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dir left behind
+
+
+def test_unwritable_output_dir(tiny_models, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc, err = spectrt("export", "-m", tiny_models["llama"], "-o", blocker / "out")
+    assert_one_line_error(rc, err, "cannot create the output directory")
+
+
+def test_refuses_to_overwrite_foreign_dir(tiny_models, tmp_path):
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "precious.txt").write_text("x")
+    rc, err = spectrt("export", "-m", tiny_models["llama"], "-o", tmp_path / "keep")
+    assert_one_line_error(rc, err, "refusing to overwrite")
+    assert (tmp_path / "keep" / "precious.txt").exists()
+
+
+def test_failed_validation_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    """A failure mid-export (here: validation) removes the temp dir and never creates DIR."""
+    from spectrt.export import exporter, validate
+    from spectrt.runtime.errors import SpectrtError
+
+    def broken(*a, **k):
+        raise SpectrtError("validation failed: injected")
+
+    monkeypatch.setattr(validate, "validate_base", broken)
+    with pytest.raises(SpectrtError, match="injected"):
+        exporter.export_model(str(tiny_models["llama"]), tmp_path / "out", progress=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []

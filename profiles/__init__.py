@@ -251,7 +251,7 @@ def optimization_profiles(graph: str | GraphSpec, profile: DeviceProfile | str, 
 
     profile = load_profile(profile)
     spec = GRAPHS[graph] if isinstance(graph, str) else graph
-    dims = model_dims(model)
+    dims = {**model_dims(model), **{k: v for k, v in model.items() if type(v) is int}}
     if "num_layers" not in dims and spec.per_layer_inputs:
         raise ProfileError(f"graph '{spec.name}': the manifest's model dims lack num_layers")
     inputs, _ = spec.expand(dims.get("num_layers", 0))
@@ -314,8 +314,41 @@ def estimate_memory(profile: DeviceProfile | str, model: dict, weight_bytes: int
     }
 
 
+
+
+def graph_dims(artifact, graph: str) -> dict:
+    """Fixed dims of one graph: the manifest's model dims, plus ``heads``/``topk`` etc. read from the
+    manifest or, failing that, from the ONNX file's declared input/output shapes (no weights loaded)."""
+    from spectrt.runtime.contract import model_dims
+
+    dims = model_dims(artifact.model)
+    draft = artifact.manifest.get("draft", {}).get("dims", {})
+    for src in (draft, artifact.model, artifact.manifest.get("graphs", {}).get(graph, {})):
+        for k in ("heads", "topk", "frontier"):
+            if isinstance(src.get(k), int):
+                dims.setdefault(k, src[k])
+    spec = GRAPHS.get(graph)
+    if spec is None or not artifact.has_graph(graph):
+        return dims
+    wanted = {d for s in spec.inputs + spec.outputs for d in s.shape
+              if isinstance(d, str) and d not in spec.dynamic and d not in dims}
+    if wanted:
+        import onnx
+
+        m = onnx.load(str(artifact.graph_path(graph)), load_external_data=False)
+        by_name = {s.name: s for s in spec.inputs + spec.outputs}
+        for vi in list(m.graph.input) + list(m.graph.output):
+            s = by_name.get(vi.name)
+            if s is None:
+                continue
+            for d, dim in zip(s.shape, vi.type.tensor_type.shape.dim):
+                if isinstance(d, str) and d in wanted and dim.HasField("dim_value"):
+                    dims.setdefault(d, dim.dim_value)
+    return dims
+
+
 __all__ = [
     "DeviceProfile", "ProfileError", "ShapeProfile", "PRECISIONS", "QUANTIZED_PRECISIONS",
     "list_profiles", "load_profile", "parse_version", "dim_ranges", "optimization_profiles",
-    "effective_max_context", "estimate_memory",
+    "effective_max_context", "estimate_memory", "graph_dims",
 ]

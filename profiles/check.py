@@ -250,6 +250,9 @@ def _type_name(elem_type: int) -> str | None:
         return None
 
 
+_OUTPUT_TYPED = {"Constant", "ConstantOfShape", "BlackmanWindow", "HammingWindow", "HannWindow", "RandomNormal",
+                 "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Shape", "Size"}
+
 # op -> (input index, TensorRT release from which a non-constant input is accepted or None, what it is)
 _CONST_INPUTS = {
     **{op: (1, None, "axes") for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
@@ -283,8 +286,8 @@ def _check_node(node, where, rep: GraphReport, table: dict, trt_version: str, ty
     since = entry.get("since")
     if since and parse_version(since) > parse_version(trt_version):
         rep.add(ERROR, where, f"op '{node.op_type}' needs TensorRT >= {since} (target {trt_version}){fold_note}")
-    # main input's data type
-    main = next((x for x in node.input if x), None)
+    # main input's data type (the output's, for generators whose inputs are sizes/shapes)
+    main = None if node.op_type in _OUTPUT_TYPED else next((x for x in node.input if x), None)
     tname = None
     if main is not None and main in types:
         tname = _ONNX_TO_TRT_TYPE.get(_type_name(types[main]), _type_name(types[main]))

@@ -15,8 +15,8 @@ Memory model of ``TrtBaseRunner`` (one stream, everything allocated once in ``__
 Usage::
 
     with TrtBaseRunner(load_artifact(DIR), profile="orin-nano-8gb") as r:
-        greedy, hidden = r.forward(ids, positions, mask)   # [1, q] int64, [1, q, hidden]
-        r.commit([0, 2, 5])                                 # keep tree rows 0, 2, 5
+        out = r.forward(ids, positions, mask)   # BaseOutputs: greedy_ids [q], hidden_states [q, H], logits [q, V]
+        r.commit([0, 2, 5])                      # keep tree rows 0, 2, 5
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from spectrt.runtime.contract import BASE, GRAPHS, MODEL_DTYPE
 from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.ort_runner import BaseOutputs, ContextFull  # the shared runner interface
 
 
 def compaction_plan(accepted_rows) -> list[tuple[int, int, int]]:
@@ -235,20 +236,25 @@ class TrtGraphRunner(_TrtRunnerBase):
             self._host[s.name] = np.empty(shape, dtype)  # pinned-size staging for outputs
         self._select_profile(0)
 
+    def __call__(self, **inputs) -> dict:
+        """Same call style as OrtGraphRunner: runner(hidden_states=...) -> {output name: array}."""
+        return self.infer(inputs)
+
     def infer(self, feeds: dict) -> dict:
         """feeds: contract input name -> array (batch-major); returns contract output name -> array."""
-        batch = None
         dims = self._dims()
+        arrays = {}
         for s in self.spec.inputs:
             if s.name not in feeds:
                 raise SpectrtError(f"'{self.graph}' needs input '{s.name}'")
-            arr = np.ascontiguousarray(feeds[s.name], dtype=self._np_dtype(s.name))
-            batch = arr.shape[0]
-            self._h2d(s.name, arr)
-            self.context.set_input_shape(s.name, arr.shape)
+            arrays[s.name] = np.ascontiguousarray(feeds[s.name], dtype=self._np_dtype(s.name))
+        batch = next(iter(arrays.values())).shape[0]
         lo, _, hi = self._ranges[0][1]["batch"]
         if not lo <= batch <= hi:
             raise SpectrtError(f"'{self.graph}': batch {batch} outside the engine's profile {lo}..{hi}")
+        for name, arr in arrays.items():
+            self._h2d(name, arr)
+            self.context.set_input_shape(name, arr.shape)
         self._execute()
         dims = dict(dims, batch=batch)
         out = {s.name: self._d2h(s.name, s.resolve(dims, MODEL_DTYPE)[0]) for s in self.spec.outputs}
@@ -259,8 +265,9 @@ class TrtGraphRunner(_TrtRunnerBase):
 class TrtBaseRunner(_TrtRunnerBase):
     """The base graph with a device-resident KV cache; same interface as the ONNX Runtime runner."""
 
-    def __init__(self, artifact, profile: str | None = None, strict_gpu: bool = True):
+    def __init__(self, artifact, profile: str | None = None, strict_gpu: bool = True, copy_logits: bool = True):
         super().__init__(artifact, BASE.name, profile, strict_gpu)
+        self.copy_logits = copy_logits  # False: skip the q x vocab device-to-host copy (greedy decoding)
         self.past = 0
         self._last_q = 0
 
@@ -301,10 +308,10 @@ class TrtBaseRunner(_TrtRunnerBase):
         raise SpectrtError(f"q={q} new tokens exceed the engine's largest profile (q <= {self.max_q}); "
                            "feed the prompt in smaller chunks")
 
-    def forward(self, input_ids, position_ids, tree_mask):
-        """Run q new tokens on top of ``past``; returns host ``greedy_ids [1, q]`` and ``hidden_states [1, q, H]``.
-
-        New K/V rows are written to ``cache[past:past+q]``; call ``commit`` to keep some of them.
+    def forward(self, input_ids, position_ids, tree_mask) -> BaseOutputs:
+        """Run q new tokens on top of ``past`` (ids/positions ``[q]``, mask ``[q, q]``; a leading batch dim of 1
+        is accepted). Returns host copies: greedy_ids ``[q]``, hidden_states ``[q, H]``, logits ``[q, V]``
+        (None with ``copy_logits=False``). New K/V rows land in ``cache[past:past+q]``; ``commit`` keeps some.
         """
         ids = np.ascontiguousarray(input_ids, dtype=self._np_dtype("input_ids")).reshape(1, -1)  # [1, q]
         q = ids.shape[1]
@@ -313,7 +320,7 @@ class TrtBaseRunner(_TrtRunnerBase):
         if q < 1:
             raise SpectrtError("forward needs at least one new token")
         if self.past + q > self.max_context:
-            raise SpectrtError(f"KV cache full: past {self.past} + {q} new tokens > max context {self.max_context}")
+            raise ContextFull(f"context limit reached: {self.past} + {q} tokens > max context {self.max_context}")
         self._select_profile(self._profile_for(q))
         self._h2d("input_ids", ids)
         self._h2d("position_ids", pos)
@@ -330,12 +337,13 @@ class TrtBaseRunner(_TrtRunnerBase):
             ctx.set_tensor_address(f"new_key.{i}", k + offset)  # cache[past:past+q]
             ctx.set_tensor_address(f"new_value.{i}", v + offset)
         self._execute()
-        H = self._host["hidden_states"].shape[-1]
-        greedy = self._d2h("greedy_ids", (1, q))
-        hidden = self._d2h("hidden_states", (1, q, H))
+        H, V = self._host["hidden_states"].shape[-1], self._host["logits"].shape[-1]
+        greedy = self._d2h("greedy_ids", (q,))
+        hidden = self._d2h("hidden_states", (q, H))
+        logits = self._d2h("logits", (q, V)) if self.copy_logits else None
         self.stream.synchronize()
         self._last_q = q
-        return greedy.copy(), hidden.copy()
+        return BaseOutputs(greedy.copy(), hidden.copy(), None if logits is None else logits.copy())
 
     def commit(self, accepted_rows) -> None:
         """Keep rows ``past + accepted_rows[i]`` of the last forward as ``past + i``; advance ``past``."""

@@ -12,7 +12,6 @@ Dimension names
     past      tokens already in the KV cache
     heads     number of draft heads K
     topk      candidates per head returned by the draft LM head
-    frontier  tree nodes drafted in one sequential (Hydra) call
     Fixed dims (hidden, vocab, kv_heads, head_dim, ...) are resolved from the manifest's model dims.
 
 KV layout: one cache per layer and per K/V, token-major ``[max_context, batch, kv_heads, head_dim]``.

@@ -9,18 +9,20 @@ import numpy as np
 
 from spectrt.runtime.errors import ArtifactError
 from spectrt.runtime.manifest import Artifact
-from spectrt.runtime.ort_runner import OrtGraphRunner
 from spectrt.runtime.tree import Tree
 
 
 class MedusaDrafter:
-    """heads.onnx + draft_lm_head.onnx, both bound once; use inside ``with``."""
+    """heads + draft_lm_head graphs, both bound once; use inside ``with``.
 
-    def __init__(self, artifact: Artifact, tree: Tree, provider: str, threads: int | None = None):
+    ``graphs(name, max_batch)`` makes a runner for a graph (ONNX Runtime or TensorRT).
+    """
+
+    def __init__(self, artifact: Artifact, tree: Tree, graphs):
         draft = artifact.manifest["draft"]
         tree.check_drafter(draft["num_heads"], draft["topk"])
-        self.heads = OrtGraphRunner(artifact, "heads", 1, provider, threads)
-        self.lm_head = OrtGraphRunner(artifact, "draft_lm_head", 1, provider, threads)
+        self.heads = graphs("heads", 1)
+        self.lm_head = graphs("draft_lm_head", 1)
 
     def __enter__(self):
         self.heads.__enter__()
@@ -45,8 +47,8 @@ class MedusaDrafter:
 DRAFTERS = {"medusa": MedusaDrafter}
 
 
-def drafter_for(artifact: Artifact, tree: Tree, provider: str, threads: int | None = None):
+def drafter_for(artifact: Artifact, tree: Tree, graphs):
     kind = artifact.manifest["draft"].get("kind")
     if kind not in DRAFTERS:
         raise ArtifactError(f"{artifact.root}: unknown drafter '{kind}' (supported: {', '.join(DRAFTERS)})")
-    return DRAFTERS[kind](artifact, tree, provider, threads)
+    return DRAFTERS[kind](artifact, tree, graphs)

@@ -8,7 +8,7 @@ from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder, GenerationResult
 from spectrt.runtime.manifest import load_artifact
-from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, OrtBaseRunner
+from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, OrtBaseRunner, OrtGraphRunner
 from spectrt.runtime.text import StreamPrinter, TextCodec
 from spectrt.runtime.tree import Tree
 
@@ -16,8 +16,43 @@ DEFAULT_MAX_NEW_TOKENS = 128
 MODES = ("spec", "ar")
 
 
+class OrtBackend:
+    """ONNX Runtime graphs (CPU by default; CUDA/TensorRT execution providers where installed)."""
+
+    @staticmethod
+    def base(artifact, config: "SessionConfig", max_q: int):
+        return OrtBaseRunner(artifact, max_q=max_q, provider=config.provider, max_context=config.max_context,
+                             threads=config.threads)
+
+    @staticmethod
+    def graph(artifact, name: str, config: "SessionConfig", max_batch: int):
+        return OrtGraphRunner(artifact, name, max_batch, config.provider, config.threads)
+
+
+class TrtBackend:
+    """TensorRT engines built by `spectrt build` (device buffers, one stream); imported lazily."""
+
+    @staticmethod
+    def base(artifact, config: "SessionConfig", max_q: int):
+        from spectrt.runtime.trt_runner import TrtBaseRunner
+
+        return TrtBaseRunner(artifact, profile=config.profile, copy_logits=False)
+
+    @staticmethod
+    def graph(artifact, name: str, config: "SessionConfig", max_batch: int):
+        from spectrt.runtime.trt_runner import TrtGraphRunner
+
+        return TrtGraphRunner(artifact, name, profile=config.profile)
+
+
+BACKENDS = {"ort": OrtBackend, "trt": TrtBackend}
+DEFAULT_BACKEND = "ort"
+
+
 @dataclass
 class SessionConfig:
+    backend: str = DEFAULT_BACKEND  # key of BACKENDS
+    profile: str | None = None  # device profile of the TensorRT engines (trt backend)
     provider: str = DEFAULT_PROVIDER
     max_context: int | None = None
     threads: int | None = None
@@ -40,6 +75,9 @@ class SpecSession:
         if mode == "spec" and not draft:
             raise SpectrtError(f"{self.artifact.root}: no draft heads in this export; use --mode ar or export --heads")
         self.mode = mode
+        if self.config.backend not in BACKENDS:
+            raise SpectrtError(f"unknown backend '{self.config.backend}' (choose from {', '.join(BACKENDS)})")
+        self.backend = BACKENDS[self.config.backend]
         self.tree = None
         if mode == "spec":
             self.tree = Tree.load(self.config.tree) if self.config.tree else Tree.from_paths(draft["tree"]["paths"])
@@ -48,13 +86,13 @@ class SpecSession:
     def __enter__(self):
         c = self.config
         max_q = max(c.prefill_chunk, self.tree.size if self.tree else 1)
-        self.base = self._stack.enter_context(
-            OrtBaseRunner(self.artifact, max_q=max_q, provider=c.provider, max_context=c.max_context, threads=c.threads))
+        self.base = self._stack.enter_context(self.backend.base(self.artifact, c, max_q))
         drafter = None
         if self.mode == "spec":
             from spectrt.runtime.drafters import drafter_for
 
-            drafter = self._stack.enter_context(drafter_for(self.artifact, self.tree, c.provider, c.threads))
+            graphs = lambda name, max_batch: self.backend.graph(self.artifact, name, c, max_batch)  # noqa: E731
+            drafter = self._stack.enter_context(drafter_for(self.artifact, self.tree, graphs))
         self.decoder = Decoder(self.base, drafter, self.tree, self.codec.eos_ids, c.prefill_chunk)
         return self
 

@@ -7,6 +7,7 @@ import argparse
 def register(sub) -> None:
     from spectrt.runtime.session import DEFAULT_MAX_NEW_TOKENS
     from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
+    from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
 
     p = sub.add_parser("generate", help="greedy generation from an exported directory",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -17,6 +18,9 @@ def register(sub) -> None:
                    help="speculative or autoregressive (default: spec when the export has draft heads)")
     p.add_argument("--tree", default=None, help="tree JSON (lists of top-k rank paths); default: the export's")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="raw prompt, no chat template")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
+                   help="ort: ONNX Runtime graphs; trt: TensorRT engines from `spectrt build`")
+    p.add_argument("--profile", default=None, help="device profile the TensorRT engines were built for")
     p.add_argument("--provider", choices=sorted(PROVIDERS), default=DEFAULT_PROVIDER, help="ONNX Runtime provider")
     p.add_argument("--max-context", type=int, default=None, help="cap the KV cache (default: the export's)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
@@ -30,7 +34,7 @@ def run(args) -> int:
 
     from spectrt.runtime.session import SessionConfig, SpecSession
 
-    config = SessionConfig(provider=args.provider, max_context=args.max_context, threads=args.threads,
+    config = SessionConfig(backend=args.backend, profile=args.profile, provider=args.provider, max_context=args.max_context, threads=args.threads,
                            mode=args.mode, tree=args.tree)
     with SpecSession(args.artifact, config) as session:
         ids = session.codec.encode(args.prompt, chat=args.chat)

@@ -1,0 +1,74 @@
+"""Calibration prompts from JSONL: ``{"prompt": ...}`` records or Spec-Bench ``{"turns": [...]}`` (first turn).
+
+Shared by self-distillation (``spectrt distill``) and VocabTrim calibration (``spectrt calibrate vocab``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import spectrt
+from spectrt.runtime.errors import SpectrtError
+
+
+def _prompt_of(record, path: Path, lineno: int) -> str:
+    if not isinstance(record, dict):
+        raise SpectrtError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    if "prompt" in record:
+        prompt = record["prompt"]
+        field = "prompt"
+    elif "turns" in record:
+        turns = record["turns"]
+        if not isinstance(turns, list) or not turns:
+            raise SpectrtError(f"{path}:{lineno}: 'turns' must be a non-empty list of strings")
+        prompt = turns[0]
+        field = "turns[0]"
+    else:
+        keys = ", ".join(sorted(record)) or "none"
+        raise SpectrtError(f"{path}:{lineno}: no 'prompt' or 'turns' field (fields: {keys})")
+    if not isinstance(prompt, str):
+        raise SpectrtError(f"{path}:{lineno}: '{field}' must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise SpectrtError(f"{path}:{lineno}: empty '{field}'")
+    return prompt
+
+
+def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
+    """The prompts of a JSONL file, in file order; at most ``limit`` of them. Blank lines are skipped."""
+    return [prompt for _, prompt in load_prompt_records(path, limit)]
+
+
+def load_prompt_records(path: str | os.PathLike, limit: int | None = None) -> list[tuple[str | None, str]]:
+    """(category, prompt) pairs; category is the record's ``category`` field (Spec-Bench) or None."""
+    path = Path(path).expanduser()
+    if limit is not None and limit < 1:
+        raise SpectrtError(f"prompt limit must be at least 1, not {limit}")
+    if not path.is_file():
+        raise SpectrtError(f"{path}: no such prompts file" if not path.exists() else f"{path}: not a file")
+    prompts: list[tuple[str | None, str]] = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SpectrtError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected JSONL with a "
+                                       "'prompt' or 'turns' field per line") from None
+                prompts.append((record.get("category"), _prompt_of(record, path, lineno)))
+                if limit is not None and len(prompts) >= limit:
+                    break
+    except UnicodeDecodeError:
+        raise SpectrtError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise SpectrtError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not prompts:
+        raise SpectrtError(f"{path}: no prompts")
+    return prompts
+
+
+# The prompt set bundled with spectrt (39 Spec-Bench questions, Apache-2.0; see spectrt/data/prompts/README.md):
+# the default of `spectrt bench` and of the VocabTrim calibration, so both work on a fresh clone.
+DEFAULT_PROMPTS = Path(spectrt.__file__).parent / "data" / "prompts" / "spec_bench_mini.jsonl"

@@ -1,0 +1,116 @@
+"""`spectrt bench`: autoregressive vs speculative decoding on the same prompts, in one process.
+
+Runs are interleaved per prompt after a warm-up, outputs are checked to be identical, and figures are
+printed (a benchmark, not a test: nothing here asserts a speed).
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.generate import Decoder, GenerationResult
+from spectrt.runtime.session import SessionConfig, SpecSession
+
+
+@dataclass
+class Totals:
+    tokens: int = 0
+    decode_s: float = 0.0
+    steps: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def add(self, r: GenerationResult) -> None:
+        self.tokens += len(r.tokens) - 1  # the first token comes from prefill
+        self.decode_s += r.decode_s
+        self.steps += r.steps
+        self.draft_s += r.draft_s
+        self.verify_s += r.verify_s
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.decode_s if self.decode_s else float("nan")
+
+    @property
+    def tau(self) -> float:
+        return self.tokens / self.steps if self.steps else float("nan")
+
+    def row(self) -> dict:
+        return {"tokens": self.tokens, "tok_s": round(self.tok_s, 2), "tau": round(self.tau, 3),
+                "draft_ms_per_step": round(1e3 * self.draft_s / max(self.steps, 1), 3),
+                "verify_ms_per_step": round(1e3 * self.verify_s / max(self.steps, 1), 3)}
+
+
+@dataclass
+class BenchReport:
+    modes: dict = field(default_factory=lambda: defaultdict(Totals))
+    categories: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(Totals)))
+    prompts: int = 0
+    mismatches: int = 0
+
+    def to_json(self) -> dict:
+        out = {"prompts": self.prompts, "mismatches": self.mismatches,
+               "modes": {m: t.row() for m, t in self.modes.items()},
+               "categories": {c: {m: t.row() for m, t in ms.items()} for c, ms in self.categories.items()}}
+        if "ar" in self.modes and "spec" in self.modes:
+            out["speedup"] = round(self.modes["spec"].tok_s / self.modes["ar"].tok_s, 3)
+        return out
+
+
+def run_bench(artifact_dir, records, max_new_tokens: int, config: SessionConfig | None = None,
+              hf_generate=None, progress=None) -> BenchReport:
+    """``records``: (category, prompt) pairs. ``hf_generate(ids, n) -> (tokens, seconds)`` adds a transformers row."""
+    config = config or SessionConfig()
+    report = BenchReport()
+    with SpecSession(artifact_dir, config) as s:
+        decoders = {"ar": Decoder(s.base, eos_ids=s.codec.eos_ids, prefill_chunk=config.prefill_chunk)}
+        if s.mode == "spec":
+            decoders["spec"] = s.decoder
+        warm = s.codec.encode("Hello!")
+        for d in decoders.values():
+            d.generate(warm, 8)
+        for category, prompt in (progress(records) if progress else records):
+            ids = s.codec.encode(prompt)
+            if len(ids) + 2 > s.max_context:
+                raise SpectrtError(f"a prompt has {len(ids)} tokens, over the max context {s.max_context}")
+            results = {m: d.generate(ids, max_new_tokens) for m, d in decoders.items()}
+            if hf_generate is not None:
+                tokens, seconds = hf_generate(ids, max_new_tokens)
+                hf = GenerationResult(len(ids), tokens, decode_s=seconds, steps=len(tokens) - 1)
+                results["transformers"] = hf
+            ref = results["ar"].tokens
+            report.mismatches += sum(r.tokens != ref[:len(r.tokens)] or len(r.tokens) < len(ref)
+                                     for m, r in results.items() if m != "transformers")
+            if hf_generate is not None and results["transformers"].tokens[:len(ref)] != ref:
+                report.mismatches += 1
+            for m, r in results.items():
+                report.modes[m].add(r)
+                report.categories[category or "all"][m].add(r)
+            report.prompts += 1
+    return report
+
+
+def format_report(report: BenchReport) -> str:
+    j = report.to_json()
+    lines = [f"prompts: {j['prompts']}   output mismatches vs AR: {j['mismatches']}", "",
+             f"{'mode':<14}{'tok/s':>9}{'tau':>8}{'draft ms':>10}{'verify ms':>11}{'tokens':>8}"]
+    for m, r in j["modes"].items():
+        lines.append(f"{m:<14}{r['tok_s']:>9.2f}{r['tau']:>8.2f}{r['draft_ms_per_step']:>10.2f}"
+                     f"{r['verify_ms_per_step']:>11.2f}{r['tokens']:>8}")
+    if "speedup" in j:
+        lines.append(f"\nspeedup spec/ar: {j['speedup']:.2f}x")
+    if len(j["categories"]) > 1 and "spec" in j["modes"]:
+        lines += ["", f"{'category':<16}{'ar tok/s':>10}{'spec tok/s':>12}{'speedup':>9}{'tau':>7}"]
+        for c, ms in sorted(j["categories"].items()):
+            ar, sp = ms["ar"], ms["spec"]
+            lines.append(f"{c:<16}{ar['tok_s']:>10.2f}{sp['tok_s']:>12.2f}{sp['tok_s'] / ar['tok_s']:>8.2f}x"
+                         f"{sp['tau']:>7.2f}")
+    return "\n".join(lines)
+
+
+def write_json(report: BenchReport, path) -> None:
+    with open(path, "w") as f:
+        json.dump(report.to_json(), f, indent=2)
+

@@ -1,0 +1,51 @@
+"""spectrt bench DIR --prompts FILE"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
+    from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
+
+    p = sub.add_parser("bench", help="AR vs speculative decoding (and optionally transformers) on a prompt set",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--prompts", default=None, help="JSONL with 'prompt' or Spec-Bench 'turns' (default: bundled "
+                                                   "39-question Spec-Bench subset)")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    p.add_argument("--tree", default=None, help="tree JSON (default: the export's)")
+    p.add_argument("--transformers", action="store_true",
+                   help="also time transformers' greedy generate on the source model (needs the export extra)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
+                   help="ort: ONNX Runtime graphs; trt: TensorRT engines from `spectrt build`")
+    p.add_argument("--profile", default=None, help="device profile the TensorRT engines were built for")
+    p.add_argument("--provider", choices=sorted(PROVIDERS), default=DEFAULT_PROVIDER)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the figures as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from spectrt.calibration.prompts import DEFAULT_PROMPTS, load_prompt_records
+    from spectrt.runtime.bench import format_report, run_bench, write_json
+    from spectrt.runtime.manifest import load_artifact
+    from spectrt.runtime.session import SessionConfig
+
+    records = load_prompt_records(args.prompts or DEFAULT_PROMPTS, args.limit)
+    hf = None
+    if args.transformers:
+        from spectrt.export.reference import HFGreedy
+
+        model = load_artifact(args.artifact).model
+        hf = HFGreedy(model.get("builtin") or model["source"], args.threads)
+    config = SessionConfig(backend=args.backend, profile=args.profile, provider=args.provider, threads=args.threads, tree=args.tree)
+    report = run_bench(args.artifact, records, args.max_new_tokens, config, hf,
+                       progress=lambda r: tqdm(r, desc="bench", unit="prompt"))
+    print(format_report(report))
+    if args.json_out:
+        write_json(report, args.json_out)
+    return 1 if report.mismatches else 0

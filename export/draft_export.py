@@ -62,8 +62,23 @@ def choose_tree(spec: str | None, heads_dir: Path, num_heads: int, topk: int) ->
     return tree
 
 
+def vocab_trim(model, tok, vocab: str | None, vocab_size: int | None, topk: int):
+    """The VocabTrim to apply (or None): a vocab file (optionally re-cut to N) or a default calibration."""
+    from spectrt.calibration.vocab import default_vocab, hf_tokenizer_hash, load_vocab
+
+    if vocab is not None:
+        trim = load_vocab(vocab, model.config.vocab_size, hf_tokenizer_hash(tok), topk, size=vocab_size)
+    elif vocab_size is not None:
+        trim = default_vocab(model, tok, vocab_size)
+    else:
+        return None
+    if trim.size < topk:
+        raise SpectrtError(f"VocabTrim keeps {trim.size} tokens, fewer than the draft top-k {topk}")
+    return trim
+
+
 def export_medusa(heads_path: str, model, dims, root: Path, dtype: str, opset: int, topk: int, tree_spec,
-                  producer: str, file_record) -> tuple[dict, dict]:
+                  producer: str, file_record, trim=None) -> tuple[dict, dict]:
     """Write heads.onnx and draft_lm_head.onnx into ``root``; returns (graph records, manifest draft section)."""
     from spectrt.export.medusa import check_compatible, load_medusa
 
@@ -81,15 +96,17 @@ def export_medusa(heads_path: str, model, dims, root: Path, dtype: str, opset: i
     records = {}
     graph = build_heads_graph(state, dims.hidden, dtype, opset, producer)
     records["heads"] = file_record(root, save_model(graph, root / "heads.onnx"))
-    graph = build_draft_lm_head_graph(lm, c.num_heads, topk, dtype, opset, producer)
+    kept = trim.kept_ids if trim is not None else None
+    graph = build_draft_lm_head_graph(lm, c.num_heads, topk, dtype, opset, producer, kept_ids=kept)
     records["draft_lm_head"] = file_record(root, save_model(graph, root / "draft_lm_head.onnx"))
     draft = {"kind": "medusa", "num_heads": c.num_heads, "num_layers": c.num_layers, "version": c.version,
              "topk": topk, "source": str(heads_path), "dims": {"heads": c.num_heads, "topk": topk},
-             "tree": tree.to_json(), "lm_head_rows": int(lm.shape[-2])}
+             "tree": tree.to_json(), "lm_head_rows": int(lm.shape[-2] if kept is None else len(kept)),
+             "vocab_trim": trim.manifest() if trim is not None else None}
     return records, draft
 
 
-def validate_medusa(artifact, model, heads_path: str, prompt_ids: list[int]) -> list:
+def validate_medusa(artifact, model, heads_path: str, prompt_ids: list[int], trim=None) -> list:
     """ORT heads + draft LM head vs the torch heads on the base's real hidden states."""
     import torch
 
@@ -101,7 +118,13 @@ def validate_medusa(artifact, model, heads_path: str, prompt_ids: list[int]) -> 
         hidden = model(torch.tensor([prompt_ids]), output_hidden_states=True).hidden_states[-1][0]  # [n, H]
         feats = heads.features(hidden)  # [n, K, H]
         lm = model.get_output_embeddings().weight if heads.config.version == "2" else None
-        ref_scores, ref_ids = heads.logits(hidden, lm).topk(artifact.manifest["draft"]["topk"], dim=-1)
+        logits = heads.logits(hidden, lm)  # [n, K, V]
+        kept = torch.as_tensor(trim.kept_ids) if trim is not None else None
+        if kept is not None:
+            logits = logits[..., kept]
+        ref_scores, ref_ids = logits.topk(artifact.manifest["draft"]["topk"], dim=-1)
+        if kept is not None:
+            ref_ids = kept[ref_ids]
     dtype = artifact.dtype
     with OrtGraphRunner(artifact, "heads", len(prompt_ids)) as h, \
             OrtGraphRunner(artifact, "draft_lm_head", len(prompt_ids)) as d:

@@ -35,6 +35,8 @@ class ExportOptions:
     no_heads: bool = False  # built-in models get their shipped heads unless this is set
     topk: int = DEFAULT_TOPK
     tree: str | None = None  # tree JSON or node count; None: the default size from the heads' accuracies
+    vocab: str | None = None  # VocabTrim file from `spectrt calibrate vocab`
+    vocab_size: int | None = None  # keep the top N (of --vocab, or of a calibration on the bundled prompts)
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -91,6 +93,8 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     prepare_output_dir(out)
     source = resolve_model(model_spec)
     heads = _heads_path(o, source)
+    if heads is None and (o.vocab or o.vocab_size):
+        raise SpectrtError("--vocab/--vocab-size trim the draft LM head: they need draft heads (--heads)")
 
     steps = _Steps(progress, total=(5 if o.validate else 4) + (heads is not None))
     steps("loading model")
@@ -126,10 +130,11 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
         }
         if heads is not None:
             steps(f"building heads.onnx and draft_lm_head.onnx from {heads}")
-            from spectrt.export.draft_export import export_medusa
+            from spectrt.export.draft_export import export_medusa, vocab_trim
 
+            trim = vocab_trim(model, tok, o.vocab, o.vocab_size, o.topk)
             records, manifest["draft"] = export_medusa(heads, model, dims, tmp, dtype, o.opset, o.topk, o.tree,
-                                                       __version__, file_record)
+                                                       __version__, file_record, trim)
             manifest["graphs"].update(records)
         write_manifest(tmp, manifest)
         if o.validate:
@@ -141,7 +146,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
             if heads is not None:
                 from spectrt.export.draft_export import validate_medusa
 
-                checks += validate_medusa(load_artifact(tmp), model, heads, ids)
+                checks += validate_medusa(load_artifact(tmp), model, heads, ids, trim)
             manifest["validation"] = [c.row() for c in checks]
             for c in checks:
                 progress(f"  ok  {c.name}: max |delta| {c.max_abs:.2e} (atol {c.atol:.0e})")

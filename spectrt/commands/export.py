@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="candidates per head from the draft LM head")
     p.add_argument("--tree", default=None,
                    help="tree JSON (paths of top-k ranks) or a node count built from the heads' accuracies")
+    p.add_argument("--vocab", default=None, help="VocabTrim file (spectrt calibrate vocab) for the draft LM head")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="keep the top N tokens (of --vocab, or calibrated on the bundled prompts)")
     p.set_defaults(func=run)
 
 
@@ -30,7 +33,8 @@ def run(args) -> int:
     from spectrt.export.exporter import ExportOptions, export_model
 
     options = ExportOptions(dtype=args.dtype, opset=args.opset, max_context=args.max_context, validate=args.validate,
-                            heads=args.heads, no_heads=args.no_heads, topk=args.topk, tree=args.tree)
+                            heads=args.heads, no_heads=args.no_heads, topk=args.topk, tree=args.tree,
+                            vocab=args.vocab, vocab_size=args.vocab_size)
     out = export_model(args.model, args.output, options)
     print(f"exported to {out}")
     return 0

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from spectrt.runtime.contract import GRAPHS, MODEL_DTYPE, GraphSpec
+from spectrt.runtime.contract import GRAPHS, MODEL_DTYPE, GraphSpec, graph_spec
 from spectrt.runtime.errors import SpectrtError
 
 PROFILE_DIR = Path(__file__).resolve().parent
@@ -222,7 +222,7 @@ def dim_ranges(graph: str | GraphSpec, profile: DeviceProfile, max_context: int 
     verify); past spans 0 .. ctx - 1 in both (0: the first prefill chunk, empty KV views).
     heads / draft_lm_head: "frontier" (batch = 1 .. max frontier nodes).
     """
-    spec = GRAPHS[graph] if isinstance(graph, str) else graph
+    spec = graph_spec(graph) if isinstance(graph, str) else graph
     ctx = effective_max_context(profile, max_context)
     batch = (1, 1, profile.max_batch)
     if spec.name == "base":
@@ -250,7 +250,7 @@ def optimization_profiles(graph: str | GraphSpec, profile: DeviceProfile | str, 
     from spectrt.runtime.contract import model_dims
 
     profile = load_profile(profile)
-    spec = GRAPHS[graph] if isinstance(graph, str) else graph
+    spec = graph_spec(graph) if isinstance(graph, str) else graph
     dims = {**model_dims(model), **{k: v for k, v in model.items() if type(v) is int}}
     if "num_layers" not in dims and spec.per_layer_inputs:
         raise ProfileError(f"graph '{spec.name}': the manifest's model dims lack num_layers")

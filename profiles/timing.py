@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, GRAPHS
+from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, GRAPHS, graph_spec
 from spectrt.runtime.errors import SpectrtError
 
 VERIFY_Q_MAX = 64  # the verify curve goes q = 1, 2, 4, ..., 64 (capped by the profile's tree size)
@@ -63,7 +63,7 @@ def base_feeds(dims: dict, dtype: str, q: int, past: int, phase: str, rng) -> di
 
 
 def graph_feeds(graph: str, dims: dict, dtype: str, batch: int, rng) -> dict:
-    spec = GRAPHS[graph]
+    spec = graph_spec(graph)
     out = {}
     for s in spec.inputs:
         shape, dt = s.resolve(dict(dims, batch=batch), dtype)

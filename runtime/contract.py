@@ -12,6 +12,8 @@ Dimension names
     past      tokens already in the KV cache
     heads     number of draft heads K
     topk      candidates per head returned by the draft LM head
+    frontier  tree nodes drafted in one sequential (Hydra) call
+    depth     tokens on a drafted path so far, root included (fixed per Hydra head: head i sees i + 1)
     Fixed dims (hidden, vocab, kv_heads, head_dim, ...) are resolved from the manifest's model dims.
 
 KV layout: one cache per layer and per K/V, token-major ``[max_context, batch, kv_heads, head_dim]``.
@@ -114,7 +116,44 @@ DRAFT_LM_HEAD = GraphSpec(
     dynamic=("batch",),
 )
 
-GRAPHS = {g.name: g for g in (BASE, HEADS, DRAFT_LM_HEAD)}
+# Hydra head i (one graph per head, ``hydra_head.{i}.onnx``): context state + input embeddings of the path
+# root..node -> features; the draft LM head graph (heads = 1, batch = frontier) turns them into top-k ids.
+# Path embeddings are inputs, so no Hydra graph holds a copy of the vocabulary embedding table.
+HYDRA_HEAD = GraphSpec(
+    name="hydra_head",
+    inputs=(
+        TensorSpec("context", ("frontier", "hidden"), MODEL_DTYPE, "base hidden (Hydra) or prefix-layer state (Hydra++)"),
+        TensorSpec("path_embeddings", ("frontier", "depth", "hidden"), MODEL_DTYPE, "E(root), E(y_2), ... of each node"),
+    ),
+    outputs=(TensorSpec("head_features", ("frontier", "heads", "hidden"), MODEL_DTYPE, "features (heads = 1)", atol=1e-3),),
+    dynamic=("frontier",),
+)
+
+# Hydra++ prefix attention: one decoder layer over the base hidden states, KV cache under the BASE layout.
+HYDRA_PREFIX = GraphSpec(
+    name="hydra_prefix",
+    inputs=(
+        TensorSpec("hidden_states", ("batch", "q", "hidden"), MODEL_DTYPE, "base hidden states of committed tokens"),
+        TensorSpec("position_ids", ("batch", "q"), "int64", "positions of those tokens"),
+        TensorSpec("tree_mask", ("batch", "q", "q"), "bool", "causal among the new tokens"),
+        TensorSpec("past_key.0", KV_SHAPE_PAST, MODEL_DTYPE, "view of the prefix layer's cache[:past]"),
+        TensorSpec("past_value.0", KV_SHAPE_PAST, MODEL_DTYPE, "view of the prefix layer's cache[:past]"),
+    ),
+    outputs=(
+        TensorSpec("context", ("batch", "q", "hidden"), MODEL_DTYPE, "prefix-layer output", atol=1e-3),
+        TensorSpec("new_key.0", KV_SHAPE_NEW, MODEL_DTYPE, "bound to cache[past:past+q]", atol=1e-3),
+        TensorSpec("new_value.0", KV_SHAPE_NEW, MODEL_DTYPE, "bound to cache[past:past+q]", atol=1e-3),
+    ),
+    dynamic=("batch", "q", "past"),
+)
+
+GRAPHS = {g.name: g for g in (BASE, HEADS, DRAFT_LM_HEAD, HYDRA_HEAD, HYDRA_PREFIX)}
+
+
+def graph_spec(graph: str) -> GraphSpec:
+    """The spec of a graph file stem: ``hydra_head.2`` and ``hydra_lm_head.2`` follow their family's spec."""
+    family = graph.split(".")[0]
+    return GRAPHS[{"hydra_lm_head": "draft_lm_head"}.get(family, family)]
 
 # Defaults shared by export and runtime (one source of truth).
 DEFAULT_OPSET = 17  # TensorRT 10.x parses opsets up to 20; 17 keeps JetPack 6 (TRT 10.3) happy

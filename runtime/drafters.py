@@ -43,6 +43,9 @@ class MedusaDrafter:
             tokens[1:] = top[tree.depth[1:] - 1, tree.rank[1:]]
         return tokens
 
+    def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
+        pass  # Medusa heads are stateless
+
 
 DRAFTERS = {"medusa": MedusaDrafter}
 

@@ -16,10 +16,18 @@ AR_TREE = Tree.chain(0)
 
 
 class RootOnly:
-    """The drafter of autoregressive decoding: proposes nothing beyond the root."""
+    """The drafter of autoregressive decoding: proposes nothing beyond the root.
+
+    Drafter protocol: ``draft(root, hidden, tree) -> tokens [q]`` (tokens[0] == root), and
+    ``observe(hidden [a, H], tokens [a])``, called with every token committed to the base's cache (prompt
+    chunks, then each step's accepted path), for drafters that keep state of their own (Hydra++).
+    """
 
     def draft(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
         return np.array([root], np.int64)
+
+    def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
+        pass
 
 
 @dataclass
@@ -71,6 +79,7 @@ class Decoder:
             c = len(chunk)
             out = self.base.forward(chunk, np.arange(s, s + c), np.tri(c, dtype=np.bool_))
             self.base.commit(range(c))
+            self.drafter.observe(out.hidden_states, chunk)
         return int(out.greedy_ids[c - 1]), out.hidden_states[c - 1].copy()
 
     def step(self, root: int, hidden: np.ndarray, tree: Tree, res: GenerationResult):
@@ -81,6 +90,7 @@ class Decoder:
         out = self.base.forward(tokens, self.base.past + tree.depth, tree.mask)  # verify all nodes at once
         path = tree.accept(tokens, out.greedy_ids)  # node ids, root first
         self.base.commit(path)  # accepted KV rows move into place
+        self.drafter.observe(out.hidden_states[path], tokens[path])
         t2 = time.perf_counter()
         res.draft_s += t1 - t0
         res.verify_s += t2 - t1

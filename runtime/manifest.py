@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from spectrt.runtime.contract import CONTRACT_VERSION, GRAPHS
+from spectrt.runtime.contract import CONTRACT_VERSION, graph_spec
 from spectrt.runtime.errors import ArtifactError
 
 MANIFEST = "manifest.json"
@@ -84,8 +84,10 @@ def load_artifact(root: str | os.PathLike) -> Artifact:
         if key not in manifest:
             raise ArtifactError(f"{mpath}: corrupt manifest (no '{key}')")
     for name, g in manifest["graphs"].items():
-        if name not in GRAPHS and not name.startswith("hydra"):
-            raise ArtifactError(f"{mpath}: unknown graph '{name}'")
+        try:
+            graph_spec(name)
+        except KeyError:
+            raise ArtifactError(f"{mpath}: unknown graph '{name}'") from None
         f = root / g.get("file", "")
         if not f.is_file():
             raise ArtifactError(f"{f}: missing graph file listed in the manifest")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spectrt.runtime.contract import BASE, GRAPHS, model_dims
+from spectrt.runtime.contract import BASE, graph_spec, model_dims
 from spectrt.runtime.errors import ArtifactError, SpectrtError
 from spectrt.runtime.manifest import Artifact
 
@@ -54,7 +54,7 @@ class SessionFromOnnx:
 
 def check_session(session, graph: str, dims: dict, dtype: str, num_layers: int = 0) -> None:
     """The graph's inputs/outputs must be exactly the contract's (names, ranks, fixed dims, dtypes)."""
-    ins, outs = GRAPHS[graph].expand(num_layers)
+    ins, outs = graph_spec(graph).expand(num_layers)
     ort_types = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
                  "bool": "tensor(bool)"}
     for kind, specs, actual in (("input", ins, session.get_inputs()), ("output", outs, session.get_outputs())):
@@ -167,7 +167,7 @@ class OrtGraphRunner:
         self.artifact, self.graph, self.max_batch = artifact, graph, max_batch
         self.dims = {**model_dims(artifact.model), **artifact.manifest.get("draft", {}).get("dims", {})}
         self.loader = SessionFromOnnx(artifact.graph_path(graph), provider, threads)
-        self.spec = GRAPHS[graph]
+        self.spec = graph_spec(graph)
 
     def __enter__(self):
         self.session = self.loader()

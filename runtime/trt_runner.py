@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spectrt.runtime.contract import BASE, GRAPHS, MODEL_DTYPE
+from spectrt.runtime.contract import BASE, MODEL_DTYPE, graph_spec
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.ort_runner import BaseOutputs, ContextFull  # the shared runner interface
 
@@ -117,7 +117,7 @@ class _TrtRunnerBase:
         self.graph = graph
         self.loader = EngineFromArtifact(artifact, graph, profile, strict_gpu)
         self.profile = self.loader.profile
-        self.spec = GRAPHS[graph]
+        self.spec = graph_spec(graph)
         self._buffers: dict[str, _DeviceBuffer] = {}
         self._host: dict[str, np.ndarray] = {}
         self._addresses: dict[str, int] = {}  # tensor name -> device pointer, bound once
@@ -222,7 +222,7 @@ class TrtGraphRunner(_TrtRunnerBase):
     """A runner for the stateless graphs (``heads``, ``draft_lm_head``): host numpy in, host numpy out."""
 
     def __init__(self, artifact, graph: str, profile: str | None = None, strict_gpu: bool = True):
-        if graph not in GRAPHS or graph == BASE.name:
+        if graph == BASE.name:
             raise SpectrtError(f"TrtGraphRunner runs heads/draft_lm_head, not '{graph}' (use TrtBaseRunner)")
         super().__init__(artifact, graph, profile, strict_gpu)
 

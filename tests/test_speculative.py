@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spectrt.runtime.generate import Decoder
+from spectrt.runtime.generate import Decoder, RootOnly
 from spectrt.runtime.manifest import load_artifact
 from spectrt.runtime.ort_runner import OrtBaseRunner
 from spectrt.runtime.tree import Tree
@@ -14,7 +14,7 @@ from spectrt.runtime.tree import Tree
 PROMPT = list(range(20, 44))
 
 
-class OracleDrafter:
+class OracleDrafter(RootOnly):
     """Drafts the true continuation (rank 0) with probability ``p`` per node, else a wrong token.
 
     Forces long accepted paths, so EOS inside a path, max-token and context edges all get exercised.

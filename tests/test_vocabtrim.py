@@ -108,3 +108,22 @@ def test_bad_vocab_files(vocab_file, tmp_path, edit, match):
     p.write_text(json.dumps(data))
     with pytest.raises(SpectrtError, match=match):
         load_vocab(p, 256, json.loads(vocab_file.read_text())["tokenizer"], topk=4)
+
+
+def test_sweep_command(tiny_models, heads_dir, vocab_file, tmp_path):
+    from spectrt.cli import main
+
+    art = export_model(str(tiny_models["llama"]), tmp_path / "art",
+                       ExportOptions(max_context=256, heads=str(heads_dir), topk=4, tree="8"), progress=lambda *_: None)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]))
+    rc = main(["bench", str(art), "--prompts", str(prompts), "-n", "12", "--vocab-sweep", "4,12,full",
+               "--vocab", str(vocab_file), "--json", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "s.png")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["N"] for r in rows][-1] == 256 and rows[0]["N"] >= 4
+    assert all(r["mismatches"] == 0 for r in rows)
+    assert rows[0]["lm_head_bytes"] < rows[-1]["lm_head_bytes"]
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    trimmed = load_artifact(tmp_path / "art.vocab-sweep" / "vocab-4")
+    assert trimmed.manifest["draft"]["vocab_trim"]["size"] == rows[0]["N"]

@@ -24,6 +24,11 @@ def register(sub) -> None:
     p.add_argument("--provider", choices=sorted(PROVIDERS), default=DEFAULT_PROVIDER)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the figures as JSON")
+    p.add_argument("--vocab-sweep", default=None, metavar="N,N,...",
+                   help="VocabTrim sweep: benchmark the draft LM head trimmed to each N ('full' = untrimmed)")
+    p.add_argument("--vocab", default=None, help="ranked vocab file for --vocab-sweep (spectrt calibrate vocab)")
+    p.add_argument("--sweep-dir", default=None, help="where the sweep's variant exports go (default: DIR.vocab-sweep)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="coverage and tau vs N plot of the sweep")
     p.set_defaults(func=run)
 
 
@@ -42,6 +47,8 @@ def run(args) -> int:
 
         model = load_artifact(args.artifact).model
         hf = HFGreedy(model.get("builtin") or model["source"], args.threads)
+    if args.vocab_sweep:
+        return run_sweep(args, records)
     config = SessionConfig(backend=args.backend, profile=args.profile, provider=args.provider, threads=args.threads, tree=args.tree)
     report = run_bench(args.artifact, records, args.max_new_tokens, config, hf,
                        progress=lambda r: tqdm(r, desc="bench", unit="prompt"))
@@ -49,3 +56,30 @@ def run(args) -> int:
     if args.json_out:
         write_json(report, args.json_out)
     return 1 if report.mismatches else 0
+
+
+def run_sweep(args, records) -> int:
+    import json
+
+    from spectrt.calibration.vocab_sweep import format_rows, plot, sweep
+    from spectrt.runtime.errors import SpectrtError
+    from spectrt.runtime.manifest import load_artifact
+    from spectrt.runtime.session import SessionConfig
+
+    if not args.vocab:
+        raise SpectrtError("--vocab-sweep needs --vocab VOCAB.json (ranked ids from `spectrt calibrate vocab`)")
+    vocab = load_artifact(args.artifact).model["vocab"]
+    try:
+        sizes = [vocab if s.strip() == "full" else int(s) for s in args.vocab_sweep.split(",")]
+    except ValueError:
+        raise SpectrtError(f"--vocab-sweep takes sizes like 1000,4000,full, not '{args.vocab_sweep}'") from None
+    config = SessionConfig(provider=args.provider, threads=args.threads, tree=args.tree)
+    rows = sweep(args.artifact, args.vocab, sizes, records, args.max_new_tokens,
+                 args.sweep_dir or f"{args.artifact.rstrip('/')}.vocab-sweep", config)
+    print(format_rows(rows))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
+    return 1 if any(r["mismatches"] for r in rows) else 0

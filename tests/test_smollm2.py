@@ -39,3 +39,20 @@ def test_ar_equals_transformers_greedy(smol_export, hf_model):
                 ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
                                         pad_token_id=2)[0, len(ids):].tolist()
             assert res.tokens == ref, p
+
+
+def test_shipped_heads_spec_equals_ar(smol_export):
+    """SmolLM2 + the shipped Medusa heads: speculative == autoregressive on 10 dev prompts x 128 tokens."""
+    from spectrt.runtime.manifest import load_artifact
+
+    draft = load_artifact(smol_export).manifest.get("draft")
+    assert draft and draft["kind"] == "medusa", "built-in export should include the shipped heads"
+    prompts = load_prompts(DEFAULT_PROMPTS)[1::4][:10]
+    taus = []
+    with SpecSession(smol_export) as spec, SpecSession(smol_export, SessionConfig(mode="ar")) as ar:
+        for p in prompts:
+            ids = spec.codec.encode(p)
+            s, a = spec.generate(ids, 128), ar.generate(ids, 128)
+            assert s.tokens == a.tokens, p
+            taus.append(s.tau)
+    assert sum(taus) / len(taus) > 1.0  # the heads do draft accepted tokens

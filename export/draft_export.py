@@ -13,7 +13,10 @@ from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.ort_runner import OrtGraphRunner
 from spectrt.runtime.tree import Tree
 
-DEFAULT_TREE_NODES = 16  # root included; on 2 CPU cores verify at q=16 costs ~1.6x a q=1 step
+# Tree sizes (nodes, root included). On 2 CPU cores a q=16 verify costs ~1.6x a q=1 step, q=64 ~5x;
+# GPUs verify ~64 nodes for about the price of one.
+TREE_PRESETS = {"cpu": 16, "gpu": 64}
+DEFAULT_TREE = "cpu"
 REPORT = "report.json"
 
 
@@ -50,11 +53,15 @@ def head_accuracy(heads_dir: Path, num_heads: int, topk: int) -> list[list[float
 
 
 def choose_tree(spec: str | None, heads_dir: Path, num_heads: int, topk: int) -> Tree:
-    """``spec``: a tree JSON path, a node count, or None (DEFAULT_TREE_NODES from the heads' accuracies)."""
-    if spec is not None and not str(spec).isdigit():
+    """``spec``: a preset (cpu, gpu), a node count, a tree JSON path, or None (DEFAULT_TREE).
+
+    Presets and counts build the best tree of that size from the heads' measured accuracies.
+    """
+    spec = str(spec if spec is not None else DEFAULT_TREE)
+    if spec not in TREE_PRESETS and not spec.isdigit():
         tree = Tree.load(spec)
     else:
-        nodes = int(spec) if spec is not None else DEFAULT_TREE_NODES
+        nodes = TREE_PRESETS.get(spec) or int(spec)
         if nodes < 2:
             raise SpectrtError(f"a tree needs at least 2 nodes (root + 1 candidate), not {nodes}")
         tree = Tree.from_accuracy(head_accuracy(heads_dir, num_heads, topk), nodes)

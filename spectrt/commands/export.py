@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--no-heads", action="store_true", help="export the base model only")
     p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="candidates per head from the draft LM head")
     p.add_argument("--tree", default=None,
-                   help="tree JSON (paths of top-k ranks) or a node count built from the heads' accuracies")
+                   help="tree: 'cpu' (16 nodes, default), 'gpu' (64), a node count, or a JSON file of top-k rank paths; "
+                        "sizes are filled with the best paths for the heads' measured accuracies")
     p.add_argument("--vocab", default=None, help="VocabTrim file (spectrt calibrate vocab) for the draft LM head")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="keep the top N tokens (of --vocab, or calibrated on the bundled prompts)")

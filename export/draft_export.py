@@ -113,6 +113,26 @@ def export_medusa(heads_path: str, model, dims, root: Path, dtype: str, opset: i
     return records, draft
 
 
+def export_draft(heads_path: str, *args, **kwargs) -> tuple[dict, dict]:
+    """Export Hydra checkpoints (config keys / hydra_lm_head files) with ``export_hydra``, others as Medusa."""
+    from spectrt.export.hydra import is_hydra_checkpoint
+
+    if is_hydra_checkpoint(heads_path):
+        from spectrt.export.hydra_graphs import export_hydra
+
+        return export_hydra(heads_path, *args, **kwargs)
+    return export_medusa(heads_path, *args, **kwargs)
+
+
+def validate_draft(artifact, model, heads_path: str, prompt_ids: list[int], trim=None) -> list:
+    """Validation of whichever drafter the manifest says was exported."""
+    if artifact.manifest.get("draft", {}).get("kind") == "hydra":
+        from spectrt.export.hydra_graphs import validate_hydra
+
+        return validate_hydra(artifact, model, heads_path, prompt_ids, trim)
+    return validate_medusa(artifact, model, heads_path, prompt_ids, trim)
+
+
 def validate_medusa(artifact, model, heads_path: str, prompt_ids: list[int], trim=None) -> list:
     """ORT heads + draft LM head vs the torch heads on the base's real hidden states."""
     import torch

@@ -129,11 +129,11 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
             "tokenizer": write_tokenizer(tok, model, tmp),
         }
         if heads is not None:
-            steps(f"building heads.onnx and draft_lm_head.onnx from {heads}")
-            from spectrt.export.draft_export import export_medusa, vocab_trim
+            steps(f"building the draft graphs from {heads}")
+            from spectrt.export.draft_export import export_draft, vocab_trim
 
             trim = vocab_trim(model, tok, o.vocab, o.vocab_size, o.topk)
-            records, manifest["draft"] = export_medusa(heads, model, dims, tmp, dtype, o.opset, o.topk, o.tree,
+            records, manifest["draft"] = export_draft(heads, model, dims, tmp, dtype, o.opset, o.topk, o.tree,
                                                        __version__, file_record, trim)
             manifest["graphs"].update(records)
         write_manifest(tmp, manifest)
@@ -144,9 +144,9 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
             ids = tok(VALIDATION_TEXT, add_special_tokens=False)["input_ids"][:32]
             checks = validate_base(load_artifact(tmp), model, ids)
             if heads is not None:
-                from spectrt.export.draft_export import validate_medusa
+                from spectrt.export.draft_export import validate_draft
 
-                checks += validate_medusa(load_artifact(tmp), model, heads, ids, trim)
+                checks += validate_draft(load_artifact(tmp), model, heads, ids, trim)
             manifest["validation"] = [c.row() for c in checks]
             for c in checks:
                 progress(f"  ok  {c.name}: max |delta| {c.max_abs:.2e} (atol {c.atol:.0e})")

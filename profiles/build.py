@@ -28,7 +28,7 @@ from pathlib import Path
 
 from spectrt.profiles import (QUANTIZED_PRECISIONS, DeviceProfile, ShapeProfile, effective_max_context,
                               estimate_memory, graph_dims, load_profile, optimization_profiles, parse_version)
-from spectrt.runtime.contract import GRAPHS
+from spectrt.runtime.contract import has_spec
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.manifest import MANIFEST, load_artifact, sha256_file
 
@@ -293,11 +293,11 @@ def build_engines(root, profile: str, precision: str | None = None, timing_cache
     art = load_artifact(root)
     prof = load_profile(profile)
     precision = precision or prof.default_precision
-    names = graphs or [g for g in art.manifest["graphs"] if g in GRAPHS]
+    names = graphs or [g for g in art.manifest["graphs"] if has_spec(g)]
     unknown = [g for g in names if g not in art.manifest["graphs"]]
     if unknown:
         raise SpectrtError(f"{art.root}: no graph(s) {', '.join(unknown)} (have: {', '.join(art.manifest['graphs'])})")
-    skipped = [g for g in names if g not in GRAPHS]
+    skipped = [g for g in names if not has_spec(g)]
     if skipped:
         raise SpectrtError(f"graph(s) {', '.join(skipped)} have no I/O contract spec to derive shapes from")
     weight_bytes = sum(sum(art.manifest["graphs"][g].get("bytes", {}).values()) for g in names)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectrt.profiles import PROFILE_DIR, list_profiles, load_profile, parse_version
-from spectrt.runtime.contract import GRAPHS, GraphSpec, model_dims
+from spectrt.runtime.contract import GraphSpec, graph_spec, has_spec, model_dims
 from spectrt.runtime.errors import SpectrtError
 
 OPS_FILE = PROFILE_DIR / "trt_ops.json"
@@ -482,7 +482,7 @@ def check_artifact(root, profile: str | None = None, trt_version: str | None = N
     dims = model_dims(art.model)
     report = CheckReport(str(art.root), trt_version)
     for name in art.manifest["graphs"]:
-        spec = GRAPHS.get(name)
+        spec = graph_spec(name) if has_spec(name) else None
         report.graphs.append(check_onnx(art.graph_path(name), name=name, trt_version=trt_version,
                                         spec=spec, dims=dims, dtype=art.dtype))
     if not report.graphs:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, GRAPHS, graph_spec
+from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, graph_spec, has_spec
 from spectrt.runtime.errors import SpectrtError
 
 VERIFY_Q_MAX = 64  # the verify curve goes q = 1, 2, 4, ..., 64 (capped by the profile's tree size)
@@ -195,7 +195,7 @@ def profile_artifact(root, backend: str = "ort", iterations: int = 20, warmup: i
         raise SpectrtError(f"unknown backend '{backend}' (ort, trt)")
     prof = load_profile(profile) if profile else None
     ctx = effective_max_context(prof, art.max_context) if prof else art.max_context
-    names = graphs or [g for g in art.manifest["graphs"] if g in GRAPHS]
+    names = graphs or [g for g in art.manifest["graphs"] if has_spec(g)]
     result = {"artifact": str(art.root), "backend": be.name, "profile": profile, "iterations": iterations,
               "warmup": warmup, "dtype": art.dtype, "max_context": ctx, "points": [], "commands": [],
               "verify_curve": None}

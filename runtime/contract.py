@@ -118,15 +118,18 @@ DRAFT_LM_HEAD = GraphSpec(
 
 # Hydra head i (one graph per head, ``hydra_head.{i}.onnx``): context state + input embeddings of the path
 # root..node -> features; the draft LM head graph (heads = 1, batch = frontier) turns them into top-k ids.
-# Path embeddings are inputs, so no Hydra graph holds a copy of the vocabulary embedding table.
+# Path embeddings are inputs, so no Hydra graph holds a copy of the vocabulary embedding table: the runtime
+# gathers the rows from the base graph's own ``embed_tokens`` initializer (a read-only memmap).
+# ``batch`` is the frontier (the nodes drafted in one call), so the heads/draft_lm_head runners and the
+# TensorRT "frontier" profile rule apply unchanged; ``depth`` is fixed per graph (head i: i + 1).
 HYDRA_HEAD = GraphSpec(
     name="hydra_head",
     inputs=(
-        TensorSpec("context", ("frontier", "hidden"), MODEL_DTYPE, "base hidden (Hydra) or prefix-layer state (Hydra++)"),
-        TensorSpec("path_embeddings", ("frontier", "depth", "hidden"), MODEL_DTYPE, "E(root), E(y_2), ... of each node"),
+        TensorSpec("context", ("batch", "hidden"), MODEL_DTYPE, "frontier: base hidden (Hydra) or prefix-layer state (Hydra++)"),
+        TensorSpec("path_embeddings", ("batch", "depth", "hidden"), MODEL_DTYPE, "E(root), E(y_2), ... of each frontier node"),
     ),
-    outputs=(TensorSpec("head_features", ("frontier", "heads", "hidden"), MODEL_DTYPE, "features (heads = 1)", atol=1e-3),),
-    dynamic=("frontier",),
+    outputs=(TensorSpec("head_features", ("batch", "heads", "hidden"), MODEL_DTYPE, "features (heads = 1)", atol=1e-3),),
+    dynamic=("batch",),
 )
 
 # Hydra++ prefix attention: one decoder layer over the base hidden states, KV cache under the BASE layout.
@@ -154,6 +157,15 @@ def graph_spec(graph: str) -> GraphSpec:
     """The spec of a graph file stem: ``hydra_head.2`` and ``hydra_lm_head.2`` follow their family's spec."""
     family = graph.split(".")[0]
     return GRAPHS[{"hydra_lm_head": "draft_lm_head"}.get(family, family)]
+
+
+def has_spec(graph: str) -> bool:
+    """True when ``graph`` (a file stem such as ``hydra_head.2``) has a contract spec."""
+    try:
+        graph_spec(graph)
+    except KeyError:
+        return False
+    return True
 
 # Defaults shared by export and runtime (one source of truth).
 DEFAULT_OPSET = 17  # TensorRT 10.x parses opsets up to 20; 17 keeps JetPack 6 (TRT 10.3) happy

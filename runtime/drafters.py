@@ -8,11 +8,12 @@ from __future__ import annotations
 import numpy as np
 
 from spectrt.runtime.errors import ArtifactError
+from spectrt.runtime.generate import RootOnly
 from spectrt.runtime.manifest import Artifact
 from spectrt.runtime.tree import Tree
 
 
-class MedusaDrafter:
+class MedusaDrafter(RootOnly):
     """heads + draft_lm_head graphs, both bound once; use inside ``with``.
 
     ``graphs(name, max_batch)`` makes a runner for a graph (ONNX Runtime or TensorRT).
@@ -43,11 +44,14 @@ class MedusaDrafter:
             tokens[1:] = top[tree.depth[1:] - 1, tree.rank[1:]]
         return tokens
 
-    def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
-        pass  # Medusa heads are stateless
+
+def _hydra(artifact: Artifact, tree: Tree, graphs):
+    from spectrt.runtime.hydra import HydraDrafter  # sequential heads, one batched call per tree depth
+
+    return HydraDrafter(artifact, tree, graphs)
 
 
-DRAFTERS = {"medusa": MedusaDrafter}
+DRAFTERS = {"medusa": MedusaDrafter, "hydra": _hydra}
 
 
 def drafter_for(artifact: Artifact, tree: Tree, graphs):

@@ -20,13 +20,17 @@ class RootOnly:
 
     Drafter protocol: ``draft(root, hidden, tree) -> tokens [q]`` (tokens[0] == root), and
     ``observe(hidden [a, H], tokens [a])``, called with every token committed to the base's cache (prompt
-    chunks, then each step's accepted path), for drafters that keep state of their own (Hydra++).
+    chunks, then each step's accepted path), and ``reset()`` when a new prompt is prefilled, for
+    drafters that keep state of their own (Hydra++).
     """
 
     def draft(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
         return np.array([root], np.int64)
 
     def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
+        pass
+
+    def reset(self) -> None:
         pass
 
 
@@ -73,6 +77,7 @@ class Decoder:
     def prefill(self, prompt: np.ndarray) -> tuple[int, np.ndarray]:
         """Fill the cache with the prompt (causal chunks); returns the first new token and its hidden state."""
         self.base.reset()
+        self.drafter.reset()
         n = len(prompt)
         for s in range(0, n, self.prefill_chunk):
             chunk = prompt[s:s + self.prefill_chunk]

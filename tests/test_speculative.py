@@ -50,7 +50,7 @@ def llama(tiny_exports):
 
 
 def run(art, drafter_factory, tree, n, eos=(), max_context=None):
-    with OrtBaseRunner(art, max_q=32, max_context=max_context) as base:
+    with OrtBaseRunner(art, max_q=max(16, tree.size if tree else 1), max_context=max_context) as base:
         drafter = drafter_factory(base) if drafter_factory else None
         return Decoder(base, drafter, tree, eos, prefill_chunk=16).generate(PROMPT, n)
 

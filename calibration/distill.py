@@ -1,0 +1,469 @@
+"""Self-distillation of Medusa heads on the base model's own greedy responses.
+
+Pipeline (``distill``):
+
+1. greedy responses to the prompts (``generations.generate_responses``, cached + resumable);
+2. prompts are split (seeded) into train and held-out;
+3. the base's final hidden states (after the final norm) over prompt+response are computed once and
+   cached on disk as fp16 (only the rows the heads train on: last prompt position .. second-to-last
+   response position);
+4. heads are trained with AdamW + cosine LR. Row ``t`` (hidden state at position ``t``) trains head ``k``
+   to predict token ``t+k+2``; only targets inside the response count. Losses, weighted ``decay**k``:
+   ``lm`` = cross-entropy on the base's own greedy tokens; ``teacher`` = KL(base next-token distribution
+   at ``t+k+1`` || head ``k`` at ``t``);
+5. per-head top-1/top-5 accuracy on the held-out prompts -> ``report.json``; heads via ``save_medusa``.
+   The output directory is assembled in a temporary sibling and renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from spectrt.runtime.errors import SpectrtError
+
+# torch is imported inside the functions: the CLI reads DistillConfig's defaults without loading torch.
+
+LOSSES = ("lm", "teacher")
+
+
+@dataclass
+class DistillConfig:
+    """Every default of ``spectrt distill`` lives here."""
+
+    arch: str = "medusa"
+    heads: int = 3
+    layers: int = 1
+    version: str = "2"
+    limit: int | None = None  # number of prompts taken from the file (first N)
+    max_new_tokens: int = 128
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 256  # token positions per optimizer step
+    gen_batch_size: int = 16  # prompts per generate() batch
+    hidden_batch_tokens: int = 4096  # tokens per forward pass when caching hidden states
+    seed: int = 0
+    loss: str = "lm"  # chosen by measurement, see the module docstring of this file's report
+    decay: float = 0.8  # head k's loss weight is decay**k
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of steps with linear LR warm-up
+    holdout: float = 0.05  # fraction of prompts held out for the accuracy report (at least 1)
+    half: bool = True  # save the heads as fp16
+    cache_dir: str | None = None  # default: $SPECTRT_CACHE/calibration (generations + hidden states)
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+    def validate(self) -> None:
+        if self.arch != "medusa":
+            raise SpectrtError(f"unsupported draft architecture '{self.arch}' (supported: medusa)")
+        if str(self.version) not in ("1", "2"):
+            raise SpectrtError(f"--version must be 1 or 2, not {self.version}")
+        if self.loss not in LOSSES:
+            raise SpectrtError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss}")
+        for name in ("heads", "epochs", "max_new_tokens", "batch_size", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise SpectrtError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.layers < 0:
+            raise SpectrtError("--layers must be at least 0")
+        if not self.lr > 0:
+            raise SpectrtError("--lr must be positive")
+        if not 0 <= self.holdout < 1:
+            raise SpectrtError("holdout must be a fraction in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+@dataclass
+class HiddenSet:
+    """Training rows of a set of samples. Row ``i`` of sample ``s`` is the hidden state at position
+    ``p_s - 1 + i``; ``tokens[i]`` is the token that follows it (response token ``i``)."""
+
+    hidden: torch.Tensor  # [N, H] fp16
+    tokens: torch.Tensor  # [N] long
+    lengths: list[int]  # rows per sample (= response length)
+
+    def __len__(self):
+        return self.hidden.shape[0]
+
+    def targets(self, num_heads: int) -> torch.Tensor:
+        """``[N, K]`` row index of the token head k must predict (``i+k+1`` within the sample), -1 if outside."""
+        import torch
+
+        N = len(self)
+        local = torch.empty(N, dtype=torch.long)
+        start = 0
+        for r in self.lengths:
+            local[start:start + r] = torch.arange(r)
+            start += r
+        length = torch.repeat_interleave(torch.tensor(self.lengths, dtype=torch.long),
+                                         torch.tensor(self.lengths, dtype=torch.long))
+        ks = torch.arange(num_heads)
+        ahead = local[:, None] + ks[None, :] + 1  # [N, K]
+        rows = torch.arange(N)[:, None] + ks[None, :] + 1
+        return torch.where(ahead < length[:, None], rows, torch.full_like(rows, -1))
+
+
+def _base_decoder(model):
+    base = getattr(model, "base_model", None)
+    return base if base is not None and base is not model else None
+
+
+def compute_hidden(model, samples: list[tuple[list[int], list[int]]], batch_tokens: int = 4096,
+                   progress: bool = True) -> HiddenSet:
+    """Final hidden states (fp16) of the base over prompt+response, at the rows the heads train on."""
+    import torch
+    from tqdm.auto import tqdm
+
+    decoder = _base_decoder(model)
+    device = next(model.parameters()).device
+    seqs = [(i, list(p) + list(r[:-1]), len(p), len(r)) for i, (p, r) in enumerate(samples)]
+    for i, seq, plen, rlen in seqs:
+        if plen < 1 or rlen < 1:
+            raise SpectrtError(f"sample {i}: empty prompt or response")
+    order = sorted(seqs, key=lambda s: len(s[1]))
+    batches, cur = [], []
+    for s in order:
+        if cur and (len(cur) + 1) * len(s[1]) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(s)
+    if cur:
+        batches.append(cur)
+    H = model.config.hidden_size
+    out: list[torch.Tensor | None] = [None] * len(samples)
+    bar = tqdm(total=sum(len(s[1]) for s in seqs), desc="hidden states", unit="tok", disable=not progress)
+    try:
+        for batch in batches:
+            width = max(len(s[1]) for s in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, (_, seq, _, _) in enumerate(batch):
+                ids[j, :len(seq)] = torch.tensor(seq)
+                mask[j, :len(seq)] = 1
+            with torch.inference_mode():
+                ids, mask = ids.to(device), mask.to(device)
+                if decoder is not None:
+                    hs = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                else:
+                    hs = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                               output_hidden_states=True).hidden_states[-1]
+            if hs.shape[-1] != H:
+                raise SpectrtError(f"base hidden states have size {hs.shape[-1]}, config says {H}")
+            for j, (i, seq, plen, rlen) in enumerate(batch):
+                out[i] = hs[j, plen - 1:plen - 1 + rlen].to("cpu", torch.float16).clone()
+            bar.update(sum(len(s[1]) for s in batch))
+    finally:
+        bar.close()
+    tokens = torch.tensor([t for _, r in samples for t in r], dtype=torch.long)
+    return HiddenSet(torch.cat(out, 0), tokens, [len(r) for _, r in samples])
+
+
+def cached_hidden(model, samples, cache_dir: Path, fingerprint: str, batch_tokens: int,
+                  progress: bool = True, log=print) -> HiddenSet:
+    """``compute_hidden`` through an on-disk cache keyed by the model fingerprint and the samples."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    h = hashlib.sha256(fingerprint.encode())
+    for p, r in samples:
+        h.update(json.dumps([p, r], separators=(",", ":")).encode())
+    path = Path(cache_dir) / f"hidden-{h.hexdigest()[:20]}.safetensors"
+    if path.is_file():
+        try:
+            t = load_file(str(path))
+            hs = HiddenSet(t["hidden"], t["tokens"], t["lengths"].tolist())
+            if len(hs) == sum(len(r) for _, r in samples) and hs.lengths == [len(r) for _, r in samples]:
+                log(f"hidden states: cached ({path})")
+                return hs
+        except Exception:  # corrupt cache: recompute
+            pass
+    hs = compute_hidden(model, samples, batch_tokens, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".hidden-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"hidden": hs.hidden.contiguous(), "tokens": hs.tokens,
+                   "lengths": torch.tensor(hs.lengths, dtype=torch.long)}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hs
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def _head_loss(heads, hidden, tidx, data: HiddenSet, lm_weight, loss: str, decay: float):
+    """Weighted loss of one minibatch. ``hidden`` [B, H] fp32, ``tidx`` [B, K] target rows (-1: none)."""
+    import torch
+    import torch.nn.functional as F
+
+    K = tidx.shape[1]
+    feats = heads.features(hidden)  # [B, K, H]
+    valid = tidx >= 0
+    if not valid.any():
+        return None
+    kk = torch.arange(K).expand_as(tidx)[valid]  # [M] head of each (row, head) pair
+    rows = tidx[valid]  # [M] row of the token to predict
+    f = feats[valid]  # [M, H]
+    if heads.config.version == "2":
+        logits = F.linear(f, lm_weight)
+    else:
+        L = heads.config.num_layers
+        logits = torch.zeros(f.shape[0], heads.config.vocab_size, dtype=f.dtype)
+        for k in range(K):
+            idx = (kk == k).nonzero().flatten()
+            if idx.numel():
+                logits = logits.index_put((idx,), heads.medusa_head[k][L](f[idx]))
+    logp = F.log_softmax(logits.float(), dim=-1)
+    if loss == "lm":
+        per = -logp.gather(1, data.tokens[rows][:, None]).squeeze(1)
+    else:
+        with torch.no_grad():
+            # row r's hidden state (position p-1+r) is where the base predicts tokens[r]: for head k at row i
+            # (position t) that is row i+k+1, i.e. the base's next-token distribution at position t+k+1
+            t_logp = F.log_softmax(F.linear(data.hidden[rows].float(), lm_weight), dim=-1)
+        per = (t_logp.exp() * (t_logp - logp)).sum(-1)
+    w = decay ** torch.arange(K, dtype=torch.float32)
+    counts = torch.bincount(kk, minlength=K).clamp(min=1).float()
+    per_head = torch.zeros(K).index_add_(0, kk, per) / counts
+    present = (torch.bincount(kk, minlength=K) > 0).float()
+    return (w * per_head * present).sum() / (w * present).sum()
+
+
+def evaluate(heads, data: HiddenSet, lm_weight, batch_size: int = 512) -> list[dict]:
+    """Per head: top-1 / top-5 accuracy against the base's greedy tokens, and chain top-1 (heads 0..k all
+    right, i.e. a chain of k+1 drafted tokens accepted)."""
+    import torch
+
+    K = heads.num_heads
+    tidx = data.targets(K)
+    top1 = torch.zeros(K)
+    top5 = torch.zeros(K)
+    chain = torch.zeros(K)
+    n = torch.zeros(K)
+    heads.eval()
+    for s in range(0, len(data), batch_size):
+        h = data.hidden[s:s + batch_size].float()
+        t = tidx[s:s + batch_size]
+        with torch.no_grad():
+            logits = heads.logits(h, lm_weight)  # [B, K, V]
+        valid = t >= 0
+        gold = data.tokens[t.clamp(min=0)]
+        best = logits.topk(5, dim=-1).indices  # [B, K, 5]
+        hit1 = (best[..., 0] == gold) & valid
+        hit5 = (best == gold[..., None]).any(-1) & valid
+        top1 += hit1.sum(0)
+        top5 += hit5.sum(0)
+        chain += (torch.cumprod(hit1.int(), dim=1).bool() & valid).sum(0)
+        n += valid.sum(0)
+    return [{"head": k, "predicts": f"t+{k + 2}", "positions": int(n[k]),
+             "top1": round(float(top1[k] / max(n[k], 1)), 4), "top5": round(float(top5[k] / max(n[k], 1)), 4),
+             "chain_top1": round(float(chain[k] / max(n[k], 1)), 4)} for k in range(K)]
+
+
+def train_heads(heads, data: HiddenSet, lm_weight, cfg: DistillConfig, progress: bool = True,
+                heldout: HiddenSet | None = None, log=print) -> list[dict]:
+    """Train ``heads`` in place; returns per-epoch history (mean train loss, held-out top-1 per head)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    K = heads.num_heads
+    tidx_all = data.targets(K)
+    keep = (tidx_all >= 0).any(1).nonzero().flatten()  # rows with at least one target
+    if keep.numel() == 0:
+        raise SpectrtError("no training positions: responses are too short for the heads "
+                           f"(need at least 2 response tokens; got lengths {data.lengths[:8]}...)")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(keep.numel() / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    lm_weight = lm_weight.detach().float()
+    history = []
+    step = 0
+    for epoch in range(cfg.epochs):
+        heads.train()
+        perm = keep[torch.randperm(keep.numel(), generator=gen)]
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not progress)
+        total_loss, seen = 0.0, 0
+        for b in bar:
+            rows = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            loss = _head_loss(heads, data.hidden[rows].float(), tidx_all[rows], data, lm_weight, cfg.loss,
+                              cfg.decay)
+            if loss is None:
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            total_loss += loss.detach().item() * rows.numel()
+            seen += rows.numel()
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        bar.close()
+        entry = {"epoch": epoch + 1, "train_loss": round(total_loss / max(seen, 1), 4)}
+        if heldout is not None and len(heldout):
+            entry["heldout_top1"] = [r["top1"] for r in evaluate(heads, heldout, lm_weight)]
+        history.append(entry)
+        log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}"
+            + (f", held-out top-1 {entry['heldout_top1']}" if "heldout_top1" in entry else ""))
+    heads.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+def split_samples(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): a seeded permutation, ``max(1, round(holdout*n))`` held out."""
+    import torch
+
+    if n < 2:
+        raise SpectrtError(f"need at least 2 prompts (got {n}): some are held out to measure the heads")
+    k = 0 if holdout <= 0 else min(n - 1, max(1, round(holdout * n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move ``staging`` to ``out_dir``; files of an existing ``out_dir`` that staging lacks are kept."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise SpectrtError(f"{out_dir}: exists and is not a directory")
+        for f in out_dir.iterdir():
+            if not (staging / f.name).exists():
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "d")
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'head':>4} {'predicts':>8} {'top-1':>7} {'top-5':>7} {'chain':>7} {'positions':>9}"]
+    for r in report["heads"]:
+        lines.append(f"{r['head']:>4} {r['predicts']:>8} {r['top1']:>7.3f} {r['top5']:>7.3f} "
+                     f"{r['chain_top1']:>7.3f} {r['positions']:>9}")
+    return "\n".join(lines)
+
+
+def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str = "", progress: bool = True,
+                    log=print, fingerprint: str | None = None, timings: dict | None = None) -> dict:
+    """Train heads on ``[(prompt_ids, response_ids)]`` and write them (+ report.json) to ``out_dir``."""
+    import torch
+
+    from spectrt.calibration.generations import model_fingerprint
+    from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
+
+    cfg.validate()
+    timings = dict(timings or {})
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpectrtError(f"{out_dir}: exists and is not a directory")
+    torch.manual_seed(cfg.seed)
+    fingerprint = fingerprint or model_fingerprint(model)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    train_idx, held_idx = split_samples(len(samples), cfg.holdout, cfg.seed)
+
+    t0 = time.time()
+    train = cached_hidden(model, [samples[i] for i in train_idx], cache_dir, fingerprint,
+                          cfg.hidden_batch_tokens, progress, log)
+    held = cached_hidden(model, [samples[i] for i in held_idx], cache_dir, fingerprint,
+                         cfg.hidden_batch_tokens, progress, log) if held_idx else None
+    timings["hidden_s"] = round(time.time() - t0, 1)
+
+    out_emb = model.get_output_embeddings()
+    if out_emb is None or getattr(out_emb, "bias", None) is not None:
+        raise SpectrtError("the base model needs a bias-free linear LM head for Medusa heads")
+    lm_weight = out_emb.weight.detach().float()
+    V, H = lm_weight.shape
+    mcfg = MedusaConfig(num_heads=cfg.heads, num_layers=cfg.layers, hidden_size=H, vocab_size=V,
+                        version=str(cfg.version), base_model_name_or_path=model_name)
+    heads = MedusaHeads(mcfg)
+    if mcfg.version == "1":  # like the reference: each head's LM head starts as a copy of the base's
+        for head in heads.medusa_head:
+            head[cfg.layers].weight.data.copy_(lm_weight)
+
+    initial = evaluate(heads, held, lm_weight) if held is not None else None
+    t0 = time.time()
+    history = train_heads(heads, train, lm_weight, cfg, progress, heldout=held, log=log)
+    timings["train_s"] = round(time.time() - t0, 1)
+    final = evaluate(heads, held, lm_weight) if held is not None else []
+
+    report = {
+        "model": model_name,
+        "model_fingerprint": fingerprint,
+        "arch": cfg.arch,
+        "version": mcfg.version,
+        "num_heads": cfg.heads,
+        "num_layers": cfg.layers,
+        "loss": cfg.loss,
+        "train": {"prompts": len(train_idx), "positions": len(train)},
+        "heldout": {"prompts": len(held_idx), "positions": len(held) if held is not None else 0},
+        "heads": final,
+        "untrained_heads": initial,
+        "history": history,
+        "timings": timings,
+        "config": asdict(cfg),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_medusa(heads, staging / "heads", half=cfg.half,
+                    extra_config={"trained_with": "spectrt distill", "loss": cfg.loss})
+        for f in (staging / "heads").iterdir():
+            os.replace(f, staging / f.name)
+        (staging / "heads").rmdir()
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final:
+        log(f"held-out accuracy ({len(held_idx)} prompts, {len(held)} positions):\n" + format_report(report))
+    log(f"wrote {out_dir}")
+    return report
+
+
+def _default_cache_dir() -> Path:
+    from spectrt.calibration.generations import default_cache_dir
+
+    return default_cache_dir()
+
+
+def distill(model, tok, prompts: list[str], out_dir, cfg: DistillConfig | None = None, model_name: str = "",
+            progress: bool = True, log=print) -> dict:
+    """Greedy responses (cached) -> hidden states (cached) -> trained heads in ``out_dir``; the report dict."""
+    import torch
+
+    from spectrt.calibration.generations import default_generations_path, generate_responses, model_fingerprint
+
+    cfg = cfg or DistillConfig()
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    fingerprint = model_fingerprint(model)
+    t0 = time.time()
+    gen_path = default_generations_path(model, cache_dir, fingerprint)
+    log(f"generations cache: {gen_path}")
+    samples = generate_responses(model, tok, prompts, cfg.max_new_tokens, gen_path, cfg.gen_batch_size, progress)
+    timings = {"generate_s": round(time.time() - t0, 1)}
+    return distill_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings)

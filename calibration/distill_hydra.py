@@ -1,0 +1,328 @@
+"""Self-distillation of Hydra (``--arch hydra``) and Hydra++ (``--arch hydra++``) heads.
+
+Same pipeline and caches as Medusa (``calibration.distill``): greedy responses from the shared generations
+cache, a seeded train/held-out split, base hidden states cached on disk by ``cached_hidden``. Differences:
+
+* teacher forcing: head k at position t sees ``concat(ctx_t, E(y_{t+1}), ..., E(y_{t+k+1}))`` with the true
+  (base greedy) tokens, and predicts ``y_{t+k+2}``; ``E`` is the base's frozen input embedding;
+* Hydra++ runs the prefix layer (one Llama decoder layer, trained) over the base hidden states of the
+  *whole* sequence, prompt included, so its hidden-state cache holds every position (Hydra reuses
+  Medusa's cache file: the same rows); only positions in the response are trained on;
+* losses: ``lm`` (cross-entropy on the base's greedy tokens, Hydra's default) or ``teacher`` (cross-entropy
+  against the base's next-token distribution, Hydra++'s default, with dropout ``--dropout``).
+
+Per-head held-out accuracy (teacher forced; ``chain_top1``: heads 0..k all right) goes to ``report.json`` in
+the format the exporter reads to size the tree.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from spectrt.calibration.distill import DistillConfig, LOSSES, _publish, format_report, split_samples
+from spectrt.runtime.errors import SpectrtError
+
+HYDRA_ARCHS = {"hydra": "mlp", "hydra++": "prefix-mlp"}
+
+
+@dataclass
+class HydraDistillConfig(DistillConfig):
+    arch: str = "hydra"
+    layers: int = 2  # blocks per head (the first, input-reducing block included)
+    loss: str | None = None  # None: lm for hydra, teacher for hydra++
+    dropout: float | None = None  # None: 0 for hydra, 0.1 for hydra++
+
+    def validate(self) -> None:
+        if self.arch not in HYDRA_ARCHS:
+            raise SpectrtError(f"unsupported draft architecture '{self.arch}' (supported: medusa, "
+                               f"{', '.join(HYDRA_ARCHS)})")
+        if self.loss is None:
+            self.loss = "teacher" if self.arch == "hydra++" else "lm"
+        if self.dropout is None:
+            self.dropout = 0.1 if self.arch == "hydra++" else 0.0
+        if self.layers < 1:
+            raise SpectrtError("--layers must be at least 1 for hydra heads")
+        if not 0 <= self.dropout < 1:
+            raise SpectrtError("--dropout must be in [0, 1)")
+        arch, layers = self.arch, self.layers
+        self.arch, self.layers = "medusa", max(layers, 0)  # the shared checks of the Medusa config
+        try:
+            DistillConfig.validate(self)
+        finally:
+            self.arch, self.layers = arch, layers
+        if self.loss not in LOSSES:
+            raise SpectrtError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss}")
+
+
+@dataclass
+class SeqData:
+    """Per sample: hidden rows [n, H] (row r at position start0 + r predicts tokens[r]) and the first row
+    that is trained on (the last prompt position)."""
+
+    hidden: list  # of [n_s, H] fp16 tensors
+    tokens: list  # of [n_s] long tensors
+    starts: list  # first trained row per sample
+
+    def __len__(self):
+        return len(self.hidden)
+
+
+def load_data(model, samples, cache_dir, fingerprint, cfg, full: bool, progress=True, log=print) -> SeqData:
+    """Hidden states through Medusa's ``cached_hidden``; ``full``: from position 0 (Hydra++'s prefix layer)."""
+    from spectrt.calibration.distill import cached_hidden
+
+    if full:  # ([p0], p[1:] + r): compute_hidden then keeps every position 0 .. n - 2 of prompt + response
+        seqs = [([p[0]], list(p[1:]) + list(r)) for p, r in samples]
+        starts = [len(p) - 1 for p, _ in samples]
+    else:
+        seqs, starts = samples, [0] * len(samples)
+    hs = cached_hidden(model, seqs, cache_dir, fingerprint, cfg.hidden_batch_tokens, progress, log)
+    hidden, tokens, s = [], [], 0
+    for n in hs.lengths:
+        hidden.append(hs.hidden[s:s + n])
+        tokens.append(hs.tokens[s:s + n])
+        s += n
+    return SeqData(hidden, tokens, starts)
+
+
+def _batch(data: SeqData, idx, num_heads: int):
+    """Padded batch + the trained (sample, row) pairs: hid [B, T, H] fp32, tok [B, T + K], rows, valid [M, K]."""
+    import torch
+
+    B, T = len(idx), max(data.hidden[i].shape[0] for i in idx)
+    H = data.hidden[idx[0]].shape[1]
+    hid = torch.zeros(B, T, H)
+    tok = torch.zeros(B, T + num_heads + 1, dtype=torch.long)
+    bs, rs, lens = [], [], []
+    for b, i in enumerate(idx):
+        n = data.hidden[i].shape[0]
+        hid[b, :n] = data.hidden[i].float()
+        tok[b, :n] = data.tokens[i]
+        r = torch.arange(data.starts[i], n)
+        bs.append(torch.full_like(r, b))
+        rs.append(r)
+        lens.append(torch.full_like(r, n))
+    b, r, n = torch.cat(bs), torch.cat(rs), torch.cat(lens)
+    valid = r[:, None] + torch.arange(num_heads)[None] + 1 < n[:, None]  # [M, K] target row inside the sample
+    return hid, tok, b, r, valid
+
+
+def _head_terms(heads, emb, lm_weight, hid, tok, b, r, valid, ctx):
+    """Yields (k, logits [M_k, V], target rows (b, r + k + 1)) for every head with valid positions."""
+    import torch
+
+    for k in range(heads.num_heads):
+        m = valid[:, k]
+        if not m.any():
+            continue
+        bk, rk = b[m], r[m]
+        path = tok[bk[:, None], rk[:, None] + torch.arange(k + 1)[None]]  # y_{t+1} .. y_{t+k+1}
+        feats = heads.features(k, ctx[bk, rk], emb[path])
+        yield k, heads.logits(k, feats, lm_weight), (bk, rk + k + 1)
+
+
+def hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, loss: str, decay: float):
+    import torch
+    import torch.nn.functional as F
+
+    ctx = heads.context(hid)
+    total, weight = 0.0, 0.0
+    for k, logits, (bt, rt) in _head_terms(heads, emb, lm_weight, hid, tok, b, r, valid, ctx):
+        logp = F.log_softmax(logits.float(), -1)
+        if loss == "lm":
+            per = -logp.gather(1, tok[bt, rt][:, None]).squeeze(1)
+        else:  # cross-entropy against the base's next-token distribution at the target position
+            with torch.no_grad():
+                t_p = F.softmax(F.linear(hid[bt, rt], lm_weight), -1)
+            per = -(t_p * logp).sum(-1)
+        total = total + decay ** k * per.mean()
+        weight += decay ** k
+    return total / weight if weight else None
+
+
+def evaluate(heads, data: SeqData, emb, lm_weight, seqs_per_batch: int = 16) -> list[dict]:
+    import torch
+
+    K = heads.num_heads
+    top1, top5, chain, n = (torch.zeros(K) for _ in range(4))
+    heads.eval()
+    for s in range(0, len(data), seqs_per_batch):
+        idx = list(range(s, min(len(data), s + seqs_per_batch)))
+        hid, tok, b, r, valid = _batch(data, idx, K)
+        with torch.no_grad():
+            ctx = heads.context(hid)
+            hit1 = torch.zeros(valid.shape, dtype=torch.bool)
+            for k, logits, (bt, rt) in _head_terms(heads, emb, lm_weight, hid, tok, b, r, valid, ctx):
+                gold = tok[bt, rt]
+                best = logits.topk(5, -1).indices
+                hit1[valid[:, k], k] = best[:, 0] == gold
+                top5[k] += (best == gold[:, None]).any(-1).sum()
+        top1 += hit1.sum(0)
+        chain += (torch.cumprod(hit1.int(), 1).bool() & valid).sum(0)
+        n += valid.sum(0)
+    return [{"head": k, "predicts": f"t+{k + 2}", "positions": int(n[k]),
+             "top1": round(float(top1[k] / max(n[k], 1)), 4), "top5": round(float(top5[k] / max(n[k], 1)), 4),
+             "chain_top1": round(float(chain[k] / max(n[k], 1)), 4)} for k in range(K)]
+
+
+def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, progress=True, heldout=None,
+                log=print) -> list[dict]:
+    import torch
+    from tqdm.auto import tqdm
+
+    K = heads.num_heads
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rows = [max(0, data.hidden[i].shape[0] - data.starts[i]) for i in range(len(data))]
+    if sum(max(0, n - 1) for n in rows) == 0:
+        raise SpectrtError("no training positions: responses are too short for the heads")
+
+    def batches():
+        order, cur, size = torch.randperm(len(data), generator=gen).tolist(), [], 0
+        for i in order:
+            cur.append(i)
+            size += rows[i]
+            if size >= cfg.batch_size:
+                yield cur
+                cur, size = [], 0
+        if cur:
+            yield cur
+
+    steps_per_epoch = sum(1 for _ in batches())
+    total = steps_per_epoch * cfg.epochs
+    warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
+                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+    history = []
+    for epoch in range(cfg.epochs):
+        heads.train()
+        bar = tqdm(batches(), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not progress)
+        tot, seen = 0.0, 0
+        for idx in bar:
+            hid, tok, b, r, valid = _batch(data, idx, K)
+            loss = hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, cfg.loss, cfg.decay)
+            if loss is None:
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(b)
+            seen += len(b)
+            bar.set_postfix(loss=f"{tot / max(seen, 1):.3f}")
+        bar.close()
+        entry = {"epoch": epoch + 1, "train_loss": round(tot / max(seen, 1), 4)}
+        if heldout is not None and len(heldout):
+            entry["heldout_top1"] = [h["top1"] for h in evaluate(heads, heldout, emb, lm_weight)]
+        history.append(entry)
+        log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}"
+            + (f", held-out top-1 {entry['heldout_top1']}" if "heldout_top1" in entry else ""))
+    heads.eval()
+    return history
+
+
+def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, model_name: str = "",
+                          progress: bool = True, log=print, fingerprint: str | None = None,
+                          timings: dict | None = None) -> dict:
+    """Train Hydra/Hydra++ heads on ``[(prompt_ids, response_ids)]``; writes heads + report.json to ``out_dir``."""
+    import torch
+
+    from spectrt.calibration.distill import _default_cache_dir
+    from spectrt.calibration.generations import model_fingerprint
+    from spectrt.export.families import rope_tables
+    from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
+
+    cfg.validate()
+    timings = dict(timings or {})
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpectrtError(f"{out_dir}: exists and is not a directory")
+    torch.manual_seed(cfg.seed)
+    fingerprint = fingerprint or model_fingerprint(model)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    train_idx, held_idx = split_samples(len(samples), cfg.holdout, cfg.seed)
+    arch = HYDRA_ARCHS[cfg.arch]
+    full = arch == "prefix-mlp"
+    t0 = time.time()
+    train = load_data(model, [samples[i] for i in train_idx], cache_dir, fingerprint, cfg, full, progress, log)
+    held = load_data(model, [samples[i] for i in held_idx], cache_dir, fingerprint, cfg, full, progress, log) \
+        if held_idx else None
+    timings["hidden_s"] = round(time.time() - t0, 1)
+
+    out_emb = model.get_output_embeddings()
+    if out_emb is None or getattr(out_emb, "bias", None) is not None:
+        raise SpectrtError("the base model needs a bias-free linear LM head for hydra heads")
+    lm_weight = out_emb.weight.detach().float()
+    emb = model.get_input_embeddings().weight.detach().float()  # frozen E
+    V, H = lm_weight.shape
+    shared = str(cfg.version) == "2"
+    hcfg = HydraConfig(num_heads=cfg.heads, num_layers=cfg.layers, hidden_size=H, vocab_size=V, arch=arch,
+                       shared_lm_head=shared, dropout=cfg.dropout,
+                       prefix=prefix_dims(model.config) if full else None, base_model_name_or_path=model_name)
+    heads = HydraHeads(hcfg)
+    if not shared:  # like the reference: own LM heads start as the base's
+        for k in range(cfg.heads):
+            heads.hydra_lm_head[k][1].weight.data.copy_(lm_weight)
+            heads.hydra_lm_head[k][1].bias.data.zero_()
+    if full:
+        inv_freq, scale = rope_tables(model)
+        heads.prefix_embeding_layer.set_rope(inv_freq, scale)
+    lm = lm_weight if shared else None
+    initial = evaluate(heads, held, emb, lm) if held is not None else None
+    t0 = time.time()
+    history = train_hydra(heads, train, emb, lm, cfg, progress, held, log)
+    timings["train_s"] = round(time.time() - t0, 1)
+    final = evaluate(heads, held, emb, lm) if held is not None else []
+    report = {"model": model_name, "model_fingerprint": fingerprint, "arch": cfg.arch, "hydra_head_arch": arch,
+              "num_heads": cfg.heads, "num_layers": cfg.layers, "shared_lm_head": shared, "loss": cfg.loss,
+              "train": {"prompts": len(train_idx), "positions": sum(h.shape[0] - s for h, s in
+                                                                    zip(train.hidden, train.starts))},
+              "heldout": {"prompts": len(held_idx)}, "heads": final, "untrained_heads": initial,
+              "history": history, "timings": timings, "config": asdict(cfg)}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_hydra(heads, staging / "heads", half=cfg.half,
+                   extra_config={"trained_with": f"spectrt distill --arch {cfg.arch}", "loss": cfg.loss})
+        for f in (staging / "heads").iterdir():
+            os.replace(f, staging / f.name)
+        (staging / "heads").rmdir()
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final:
+        log(f"held-out accuracy ({len(held_idx)} prompts, teacher forced):\n" + format_report(report))
+    log(f"wrote {out_dir}")
+    return report
+
+
+def distill_hydra(model, tok, prompts: list[str], out_dir, cfg: HydraDistillConfig, model_name: str = "",
+                  progress: bool = True, log=print) -> dict:
+    """Greedy responses (the shared cache) -> hidden states (cached) -> trained Hydra heads in ``out_dir``."""
+    import torch
+
+    from spectrt.calibration.distill import _default_cache_dir
+    from spectrt.calibration.generations import default_generations_path, generate_responses, model_fingerprint
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    fingerprint = model_fingerprint(model)
+    t0 = time.time()
+    gen_path = default_generations_path(model, cache_dir, fingerprint)
+    log(f"generations cache: {gen_path}")
+    samples = generate_responses(model, tok, prompts, cfg.max_new_tokens, gen_path, cfg.gen_batch_size, progress)
+    timings = {"generate_s": round(time.time() - t0, 1)}
+    return distill_hydra_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings)

@@ -1,0 +1,265 @@
+"""Hydra / Hydra++ export: ``hydra_head.{i}.onnx`` per head, the LM head(s), ``hydra_prefix.onnx`` (Hydra++),
+validation against the torch module, and the manifest ``draft`` section.
+
+No Hydra graph holds the vocabulary embedding: heads take ``path_embeddings`` as an input, and the runtime
+gathers those rows from a read-only memmap of the base graph's own ``embed_tokens`` initializer inside
+``base.onnx.data`` (offset/shape/dtype recorded here, in the manifest's ``draft.embedding``).
+LM heads: a shared base LM head -> ``draft_lm_head.onnx`` (heads = 1, batch = frontier); own LM heads ->
+``hydra_lm_head.{i}.onnx``. VocabTrim's kept ids apply to either.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import helper
+
+from spectrt.export.base import _linear, _rms_norm, _rotate, _Shapes
+from spectrt.export.draft_graphs import build_draft_lm_head_graph
+from spectrt.export.onnx_graph import GraphBuilder, save_model
+from spectrt.runtime.contract import DRAFT_LM_HEAD, HYDRA_HEAD, HYDRA_PREFIX
+from spectrt.runtime.errors import SpectrtError
+
+EMBED_INITIALIZER = "embed_tokens"
+ONNX_FLOAT = {1: "float32", 10: "float16"}
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def build_hydra_head_graph(heads, i: int, dtype: str, opset: int, producer: str):
+    """Head ``i``: context [F, H] + path_embeddings [F, i + 1, H] -> head_features [F, 1, H]."""
+    H, L = heads.config.hidden_size, heads.config.num_layers
+    g = GraphBuilder(f"spectrt_hydra_head_{i}", opset, dtype)
+    dims = {"hidden": H, "heads": 1, "depth": i + 1}
+    ctx = g.add_input(HYDRA_HEAD.inputs[0], dims)
+    path = g.add_input(HYDRA_HEAD.inputs[1], dims)
+    x = g.op("Concat", ctx, g.op("Reshape", path, g.const([0, (i + 1) * H])), axis=1)  # [F, (i + 2) H]
+    first = heads.hydra_mlp[i][1]
+    y = _linear(g, x, _np(first.linear.weight).T, _np(first.linear.bias), "first.linear")
+    r = _linear(g, x, _np(first.res_connection.weight).T, _np(first.res_connection.bias), "first.res_connection")
+    x = g.op("Add", r, g.op("Mul", y, g.op("Sigmoid", y)))
+    if L > 1:  # the plain blocks are one module (list multiplication): its weights are stored once
+        block = heads.hydra_mlp[i][3]
+        w = g.weight("block.linear.weight", _np(block.linear.weight).T)
+        b = g.weight("block.linear.bias", _np(block.linear.bias))
+        for _ in range(L - 1):
+            y = g.op("Add", g.op("MatMul", x, w), b)
+            x = g.op("Add", x, g.op("Mul", y, g.op("Sigmoid", y)))
+    g.add_output(HYDRA_HEAD.outputs[0], dims, g.op("Unsqueeze", x, g.const([1])))
+    return g.model(producer)
+
+
+def build_lm_head_graph(weight: np.ndarray, bias: np.ndarray | None, topk: int, dtype: str, opset: int,
+                        producer: str, kept_ids: np.ndarray | None = None):
+    """Top-k of one LM head (heads = 1). Bias-free heads reuse Medusa's draft LM head builder."""
+    if bias is None or not np.any(bias):
+        return build_draft_lm_head_graph(weight, 1, topk, dtype, opset, producer, kept_ids=kept_ids)
+    if kept_ids is not None:
+        weight, bias = weight[kept_ids], bias[kept_ids]
+    rows, hidden = weight.shape
+    g = GraphBuilder("spectrt_hydra_lm_head", opset, dtype)
+    dims = {"hidden": hidden, "topk": topk, "heads": 1}
+    feats = g.add_input(DRAFT_LM_HEAD.inputs[0], dims)  # [B, 1, H]
+    flat = g.op("Reshape", feats, g.const([-1, hidden]))
+    logits = g.op("Gemm", flat, g.weight("lm_head", weight), g.weight("lm_head.bias", bias), transB=1)
+    shape = g.op("Concat", g.op("Slice", g.op("Shape", feats), g.const([0]), g.const([2])), g.const([rows]), axis=0)
+    scores, idx = g.op("TopK", g.op("Reshape", logits, shape), g.const([topk]), axis=-1, largest=1, sorted=1,
+                       outputs=2)
+    if kept_ids is not None:
+        idx = g.op("Gather", g.const(np.asarray(kept_ids, np.int64)), idx, axis=0)
+    g.add_output(DRAFT_LM_HEAD.outputs[0], dims, idx)
+    g.add_output(DRAFT_LM_HEAD.outputs[1], dims, scores)
+    return g.model(producer)
+
+
+def build_hydra_prefix_graph(prefix, kv_heads: int, head_dim: int, hidden: int, inv_freq: np.ndarray,
+                             rope_scaling: float, dtype: str, opset: int, producer: str):
+    """The Hydra++ prefix layer over base hidden states, KV cache under the base's token-major layout."""
+    p = prefix.layers[0]
+    a = p.self_attn
+    D, KVH, NH = head_dim, kv_heads, a.nh
+    G = NH // KVH
+    g = GraphBuilder("spectrt_hydra_prefix", opset, dtype)
+    cdims = {"hidden": hidden, "kv_heads": KVH, "head_dim": D}
+    names = {s.name: g.add_input(s, cdims) for s in HYDRA_PREFIX.inputs}
+    out_spec = {s.name: s for s in HYDRA_PREFIX.outputs}
+    x, pos, tree = names["hidden_states"], names["position_ids"], names["tree_mask"]
+    shp = _Shapes(g, x, "past_key.0")  # batch and q are dims 0 and 1 of hidden_states too
+    minval = float(np.finfo(g.np_dtype).min)
+    tree_bias = g.op("Where", tree, g.const(0.0, "model"), g.const(minval, "model"))
+    past_zero = g.op("ConstantOfShape", g.op("Concat", shp.batch, shp.q, shp.past, axis=0),
+                     value=helper.make_tensor("zero", 1 if dtype == "float32" else 10, [1], [0]))
+    bias = g.op("Unsqueeze", g.op("Concat", past_zero, tree_bias, axis=2), g.const([1]))
+    if G > 1:
+        bias = g.op("Tile", bias, g.const([1, 1, G, 1]))
+    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=1), g.const([-1])), g.const(inv_freq, "float32"))
+    emb = g.op("Concat", freqs, freqs, axis=-1)
+    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+    if rope_scaling != 1.0:
+        cos, sin = g.op("Mul", cos, g.const(rope_scaling, "float32")), g.op("Mul", sin, g.const(rope_scaling, "float32"))
+    if dtype != "float32":
+        cos, sin = g.op("Cast", cos, to=10), g.op("Cast", sin, to=10)
+    cos, sin = g.op("Unsqueeze", cos, g.const([2])), g.op("Unsqueeze", sin, g.const([2]))
+
+    h = _rms_norm(g, x, g.weight("input_norm", _np(p.input_layernorm.weight)), p.input_layernorm.eps)
+    q = g.op("Reshape", _linear(g, h, _np(a.q_proj.weight).T, None, "q_proj"), g.const([0, 0, NH, D]))
+    k = g.op("Reshape", _linear(g, h, _np(a.k_proj.weight).T, None, "k_proj"), g.const([0, 0, KVH, D]))
+    v = g.op("Reshape", _linear(g, h, _np(a.v_proj.weight).T, None, "v_proj"), g.const([0, 0, KVH, D]))
+    q, k = _rotate(g, q, cos, sin, D // 2), _rotate(g, k, cos, sin, D // 2)
+    new_k = g.add_output(out_spec["new_key.0"], cdims, g.op("Transpose", k, perm=[1, 0, 2, 3]))
+    new_v = g.add_output(out_spec["new_value.0"], cdims, g.op("Transpose", v, perm=[1, 0, 2, 3]))
+    keys_t = g.op("Transpose", g.op("Concat", names["past_key.0"], new_k, axis=0), perm=[1, 2, 3, 0])
+    vals_t = g.op("Transpose", g.op("Concat", names["past_value.0"], new_v, axis=0), perm=[1, 2, 0, 3])
+    qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, KVH, G, D])), perm=[0, 2, 3, 1, 4])
+    qg = g.op("Reshape", qg, g.const([0, 0, -1, D]))
+    scores = g.op("Add", g.op("Mul", g.op("MatMul", qg, keys_t), g.const(1.0 / np.sqrt(D), "model")), bias)
+    ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), vals_t)
+    ctx = g.op("Transpose", g.op("Reshape", ctx, g.const([0, 0, G, -1, D])), perm=[0, 3, 1, 2, 4])
+    ctx = g.op("Reshape", ctx, g.const([0, 0, NH * D]))
+    x = g.op("Add", x, _linear(g, ctx, _np(a.o_proj.weight).T, None, "o_proj"))
+    h = _rms_norm(g, x, g.weight("post_norm", _np(p.post_attention_layernorm.weight)), p.post_attention_layernorm.eps)
+    gate = _linear(g, h, _np(p.mlp.gate_proj.weight).T, None, "gate_proj")
+    up = _linear(g, h, _np(p.mlp.up_proj.weight).T, None, "up_proj")
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+    x = g.op("Add", x, _linear(g, act, _np(p.mlp.down_proj.weight).T, None, "down_proj"))
+    out = _rms_norm(g, x, g.weight("final_norm", _np(prefix.norm.weight)), prefix.norm.eps)
+    g.add_output(out_spec["context"], cdims, out)
+    order = {s.name: n for n, s in enumerate(HYDRA_PREFIX.outputs)}
+    g.outputs.sort(key=lambda vi: order[vi.name])
+    return g.model(producer)
+
+
+def embedding_info(base_onnx: Path) -> dict:
+    """Where the base graph's ``embed_tokens`` lives in its external data: file, byte offset, shape, dtype."""
+    import onnx
+    from onnx import TensorProto
+
+    m = onnx.load(str(base_onnx), load_external_data=False)
+    init = next((t for t in m.graph.initializer if t.name == EMBED_INITIALIZER), None)
+    if init is None:
+        raise SpectrtError(f"{base_onnx}: no '{EMBED_INITIALIZER}' initializer to share with the hydra heads")
+    if init.data_location != TensorProto.EXTERNAL or init.data_type not in ONNX_FLOAT:
+        raise SpectrtError(f"{base_onnx}: '{EMBED_INITIALIZER}' is not stored as external float data")
+    ext = {e.key: e.value for e in init.external_data}
+    shape = [int(d) for d in init.dims]
+    dtype = ONNX_FLOAT[init.data_type]
+    length = int(ext.get("length", np.prod(shape) * np.dtype(dtype).itemsize))
+    return {"initializer": EMBED_INITIALIZER, "file": ext["location"], "offset": int(ext.get("offset", 0)),
+            "length": length, "shape": shape, "dtype": dtype, "byte_order": "little"}
+
+
+def _load(heads_path, model, dims):
+    from spectrt.export.families import rope_tables
+    from spectrt.export.hydra import check_compatible, load_hydra
+
+    heads = load_hydra(heads_path, base_config=model.config)
+    check_compatible(heads, dims.hidden, dims.vocab, dims.kv_heads, dims.head_dim)
+    if heads.config.arch == "prefix-mlp":
+        inv_freq, scale = rope_tables(model)
+        heads.prefix_embeding_layer.set_rope(inv_freq, scale)
+    return heads
+
+
+def export_hydra(heads_path: str, model, dims, root: Path, dtype: str, opset: int, topk: int, tree_spec,
+                 producer: str, file_record, trim=None) -> tuple[dict, dict]:
+    """Write the Hydra graphs into ``root`` (which already holds base.onnx); returns (records, draft section)."""
+    from spectrt.export.draft_export import choose_tree
+    from spectrt.export.families import rope_tables
+
+    heads = _load(heads_path, model, dims)
+    c = heads.config
+    if not 1 <= topk <= dims.vocab:
+        raise SpectrtError(f"top-k {topk} outside 1..{dims.vocab}")
+    tree = choose_tree(tree_spec, Path(heads_path), c.num_heads, topk)
+    kept = trim.kept_ids if trim is not None else None
+    records = {}
+    for i in range(c.num_heads):
+        name = f"hydra_head.{i}"
+        records[name] = file_record(root, save_model(build_hydra_head_graph(heads, i, dtype, opset, producer),
+                                                     root / f"{name}.onnx"))
+    if c.shared_lm_head:
+        lm = _np(model.get_output_embeddings().weight)
+        records["draft_lm_head"] = file_record(root, save_model(
+            build_lm_head_graph(lm, None, topk, dtype, opset, producer, kept), root / "draft_lm_head.onnx"))
+    else:
+        for i in range(c.num_heads):
+            w, b = heads.lm_head(i)
+            name = f"hydra_lm_head.{i}"
+            records[name] = file_record(root, save_model(
+                build_lm_head_graph(_np(w), _np(b), topk, dtype, opset, producer, kept), root / f"{name}.onnx"))
+    if c.arch == "prefix-mlp":
+        inv_freq, scale = rope_tables(model)
+        graph = build_hydra_prefix_graph(heads.prefix_embeding_layer, dims.kv_heads, dims.head_dim, dims.hidden,
+                                         inv_freq, scale, dtype, opset, producer)
+        records["hydra_prefix"] = file_record(root, save_model(graph, root / "hydra_prefix.onnx"))
+    draft = {"kind": "hydra", "arch": c.arch, "num_heads": c.num_heads, "num_layers": c.num_layers, "topk": topk,
+             "shared_lm_head": c.shared_lm_head, "source": str(heads_path), "dims": {"heads": 1, "topk": topk},
+             "tree": tree.to_json(), "embedding": embedding_info(root / "base.onnx"),
+             "lm_head_rows": int(dims.vocab if kept is None else len(kept)),
+             "vocab_trim": trim.manifest() if trim is not None else None}
+    return records, draft
+
+
+def validate_hydra(artifact, model, heads_path: str, prompt_ids: list[int], trim=None, seed: int = 0) -> list:
+    """ORT vs torch on the base's real hidden states: prefix layer (two chunks through its KV cache), every
+    head's features on random paths, every LM head's top-k; and the embedding memmap vs the base's table."""
+    import torch
+
+    from spectrt.export.families import decoder_dims
+    from spectrt.export.validate import Check, dtype_atol
+    from spectrt.runtime.hydra import EmbeddingTable, OrtPrefixRunner
+    from spectrt.runtime.ort_runner import OrtGraphRunner
+
+    heads = _load(heads_path, model, decoder_dims(model.config))
+    c, dtype, n = heads.config, artifact.dtype, len(prompt_ids)
+    topk = artifact.manifest["draft"]["topk"]
+    rng = np.random.default_rng(seed)
+    checks = []
+    emb = EmbeddingTable(artifact)
+    ref_table = model.get_input_embeddings().weight.detach().float().numpy()
+    ids = rng.integers(0, ref_table.shape[0], 64)
+    checks.append(Check("embedding memmap rows", float(np.abs(emb(ids).astype(np.float32)
+                                                              - ref_table[ids].astype(dtype)).max()), 0.0))
+    with torch.no_grad():
+        hidden = model(torch.tensor([prompt_ids]), output_hidden_states=True).hidden_states[-1]  # [1, n, H]
+        ctx = heads.context(hidden)[0]  # [n, H]
+    if c.arch == "prefix-mlp":
+        h = n // 2
+        with OrtPrefixRunner(artifact, max_q=n) as pre:
+            hs = hidden[0].numpy().astype(dtype)
+            a = pre.forward(hs[:h], np.arange(h), np.tri(h, dtype=np.bool_)).copy()
+            pre.commit(range(h))
+            b = pre.forward(hs[h:], np.arange(h, n), np.tri(n - h, dtype=np.bool_)).copy()
+        got = np.concatenate([a, b])
+        checks.append(Check("hydra prefix context (2 chunks)", float(np.abs(got - ctx.numpy()).max()),
+                            dtype_atol(HYDRA_PREFIX.outputs[0], dtype)))
+    kept = torch.as_tensor(trim.kept_ids) if trim is not None else None
+    lm_w = model.get_output_embeddings().weight.detach().float() if c.shared_lm_head else None
+    f_atol = dtype_atol(HYDRA_HEAD.outputs[0], dtype)
+    s_atol = dtype_atol(DRAFT_LM_HEAD.outputs[1], dtype)
+    for i in range(c.num_heads):
+        path_ids = rng.integers(0, ref_table.shape[0], (n, i + 1))
+        pe = torch.as_tensor(ref_table[path_ids])  # [n, i + 1, H]
+        with torch.no_grad():
+            feats = heads.features(i, ctx, pe)
+            logits = heads.logits(i, feats, lm_w)
+            if kept is not None:
+                logits = logits[..., kept]
+            ref_scores, ref_ids = logits.topk(topk, dim=-1)
+            if kept is not None:
+                ref_ids = kept[ref_ids]
+        lm_name = "draft_lm_head" if c.shared_lm_head else f"hydra_lm_head.{i}"
+        with OrtGraphRunner(artifact, f"hydra_head.{i}", n) as hr, OrtGraphRunner(artifact, lm_name, n) as lr:
+            f = hr(context=ctx.numpy().astype(dtype), path_embeddings=pe.numpy().astype(dtype))["head_features"]
+            out = lr(head_features=f)
+            checks.append(Check(f"hydra head {i} features", float(np.abs(f[:, 0] - feats.numpy()).max()), f_atol))
+            same = bool((out["topk_ids"][:, 0, 0] == ref_ids[:, 0].numpy()).all())
+            checks.append(Check(f"hydra head {i} top-k scores",
+                                float(np.abs(out["topk_scores"][:, 0] - ref_scores.numpy()).max()), s_atol, same))
+    failed = [ch for ch in checks if not ch.ok]
+    if failed:
+        raise SpectrtError(f"validation failed: {failed[0].name}: max |delta| {failed[0].max_abs:.2e} "
+                           f"(atol {failed[0].atol:.0e}, argmax equal {failed[0].argmax_equal})")
+    return checks

@@ -1,0 +1,212 @@
+"""Hydra / Hydra++ drafting (torch-free): sequential, one batched head call per tree depth.
+
+At depth d (1 .. max depth) the frontier is every node at depth d - 1 that has children in the tree. One
+call of ``hydra_head.{d-1}`` + its LM head drafts all of them at once: each frontier node's input is the
+context state and the input embeddings of its path root..node; its children take the top-k ranks the tree
+asks for. The decoder then verifies, accepts and commits as for any drafter.
+
+Input embeddings come from the base graph's own ``embed_tokens`` initializer through a read-only
+``np.memmap`` of ``base.onnx.data``: no second copy of the vocabulary table, only touched rows are paged in.
+Hydra++ (arch ``prefix-mlp``) keeps ``hydra_prefix.onnx``'s KV cache in step with the base: ``observe`` runs
+the prefix layer over the base hidden states of every committed token (prompt chunks, accepted paths).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spectrt.runtime.contract import model_dims
+from spectrt.runtime.errors import ArtifactError, SpectrtError
+from spectrt.runtime.manifest import Artifact
+from spectrt.runtime.ort_runner import (DEFAULT_PROVIDER, ContextFull, OrtBaseRunner, SessionFromOnnx,
+                                        check_session)
+from spectrt.runtime.tree import Tree
+
+PREFIX_MAX_Q = 64  # prefix-layer tokens per call; longer observations are split
+
+
+class EmbeddingTable:
+    """Rows of the base's input embedding, read from ``base.onnx.data`` through a read-only memmap."""
+
+    def __init__(self, artifact: Artifact):
+        info = artifact.manifest.get("draft", {}).get("embedding")
+        if not info:
+            raise ArtifactError(f"{artifact.root}: the manifest's draft section has no embedding table record")
+        path = artifact.root / info["file"]
+        shape = tuple(int(d) for d in info["shape"])
+        dtype = np.dtype(info["dtype"]).newbyteorder("<")
+        need = int(info["offset"]) + int(np.prod(shape)) * dtype.itemsize
+        if not path.is_file() or path.stat().st_size < need:
+            raise ArtifactError(f"{path}: missing or shorter than the embedding table the manifest points to")
+        self.table = np.memmap(path, dtype=dtype, mode="r", offset=int(info["offset"]), shape=shape)
+        self.dtype = np.dtype(info["dtype"])
+
+    def __call__(self, ids) -> np.ndarray:
+        """``ids`` [...] -> rows [..., H] (a copy; only these rows' pages are read)."""
+        return np.asarray(self.table[np.asarray(ids, np.int64)], dtype=self.dtype)
+
+
+class OrtPrefixRunner(OrtBaseRunner):
+    """``hydra_prefix.onnx`` with its own token-major KV cache, bound zero-copy like the base runner
+    (``past_*`` = cache[:past], ``new_*`` written into cache[past:past + q]); ``commit``/``reset`` are the base's."""
+
+    def __init__(self, artifact: Artifact, max_q: int = PREFIX_MAX_Q, provider: str = DEFAULT_PROVIDER,
+                 max_context: int | None = None, threads: int | None = None):
+        super().__init__(artifact, max_q, provider, max_context, threads)
+        self.loader = SessionFromOnnx(artifact.graph_path("hydra_prefix"), provider, threads)
+
+    def __enter__(self):
+        d, np_dtype = self.dims, np.dtype(self.artifact.dtype)
+        self.session = self.loader()
+        check_session(self.session, "hydra_prefix", d, self.artifact.dtype)
+        kv = (self.max_context, 1, d["kv_heads"], d["head_dim"])
+        self.keys, self.values = [np.zeros(kv, np_dtype)], [np.zeros(kv, np_dtype)]
+        self.inp = np.zeros(self.max_q * d["hidden"], np_dtype)
+        self.pos = np.zeros(self.max_q, np.int64)
+        self.mask = np.zeros(self.max_q * self.max_q, np.bool_)
+        self.out_context = np.zeros(self.max_q * d["hidden"], np_dtype)
+        self.binding = self.session.io_binding()
+        self.past = 0
+        return self
+
+    def forward(self, hidden_states, position_ids, tree_mask) -> np.ndarray:
+        """Context states [q, H] (a view, valid until the next call); new KV in cache[past:past+q]."""
+        q, H = len(hidden_states), self.dims["hidden"]
+        if not 1 <= q <= self.max_q:
+            raise SpectrtError(f"prefix call with {q} tokens; this runner was sized for 1..{self.max_q}")
+        if self.past + q > self.max_context:
+            raise ContextFull(f"prefix layer: {self.past} + {q} tokens > max context {self.max_context}")
+        p = self.past
+        hs, pos, mask = self.inp[:q * H].reshape(q, H), self.pos[:q], self.mask[:q * q].reshape(q, q)
+        hs[:], pos[:], mask[:] = hidden_states, position_ids, tree_mask
+        out = self.out_context[:q * H].reshape(q, H)
+        self._bind("hidden_states", hs.reshape(1, q, H))
+        self._bind("position_ids", pos.reshape(1, q))
+        self._bind("tree_mask", mask.reshape(1, q, q))
+        self._bind("past_key.0", self.keys[0][:p])
+        self._bind("past_value.0", self.values[0][:p])
+        self._bind("new_key.0", self.keys[0][p:p + q], output=True)
+        self._bind("new_value.0", self.values[0][p:p + q], output=True)
+        self._bind("context", out.reshape(1, q, H), output=True)
+        self.session.run_with_iobinding(self.binding)
+        return out
+
+
+@dataclass(frozen=True)
+class _Depth:
+    front: np.ndarray  # [F] frontier nodes (depth d - 1, with children)
+    ancestors: np.ndarray  # [F, d] path root..node of each frontier node
+    kids: np.ndarray  # [C] nodes at depth d
+    kid_row: np.ndarray  # [C] row of each kid's parent in ``front``
+    kid_rank: np.ndarray  # [C] top-k rank of each kid
+
+
+def draft_plan(tree: Tree) -> list[_Depth]:
+    """Per depth: who is drafted in one batched call and where the results go."""
+    plan = []
+    for d in range(1, tree.max_depth + 1 if tree.size > 1 else 1):
+        front = np.array([n for n in range(tree.size) if tree.depth[n] == d - 1 and tree.children[n]], np.int64)
+        anc = np.empty((len(front), d), np.int64)
+        for r, n in enumerate(front):
+            node = int(n)
+            for k in range(d - 1, -1, -1):
+                anc[r, k] = node
+                node = int(tree.parent[node])
+        kids = np.flatnonzero(tree.depth == d)
+        row = {int(n): r for r, n in enumerate(front)}
+        plan.append(_Depth(front, anc, kids, np.array([row[int(tree.parent[k])] for k in kids], np.int64),
+                           tree.rank[kids].astype(np.int64)))
+    return plan
+
+
+class HydraDrafter:
+    """hydra_head.{i} (+ draft_lm_head or hydra_lm_head.{i}) runners, + the prefix runner for Hydra++.
+
+    ``graphs(name, max_batch)`` makes a runner for a stateless graph (ONNX Runtime or TensorRT); the prefix
+    layer runs on ONNX Runtime (``prefix_provider``).
+    """
+
+    def __init__(self, artifact: Artifact, tree: Tree, graphs, prefix_provider: str = DEFAULT_PROVIDER,
+                 threads: int | None = None):
+        draft = artifact.manifest["draft"]
+        tree.check_drafter(draft["num_heads"], draft["topk"])
+        self.arch = draft.get("arch", "mlp")
+        self.hidden = model_dims(artifact.model)["hidden"]
+        self.embed = EmbeddingTable(artifact)
+        self.tree, self._plans = tree, {}
+        plan = self._plan(tree)
+        fronts = [max(1, len(p.front)) for p in plan]
+        self.heads = [graphs(f"hydra_head.{i}", f) for i, f in enumerate(fronts)]
+        if draft.get("shared_lm_head"):
+            shared = graphs("draft_lm_head", max(fronts, default=1))
+            self.lm_heads, self._runners = [shared] * len(fronts), self.heads + [shared]
+        else:
+            self.lm_heads = [graphs(f"hydra_lm_head.{i}", f) for i, f in enumerate(fronts)]
+            self._runners = self.heads + self.lm_heads
+        self.prefix = None
+        if self.arch == "prefix-mlp":
+            self.prefix = OrtPrefixRunner(artifact, PREFIX_MAX_Q, prefix_provider, threads=threads)
+            self._runners.append(self.prefix)
+        self.ctx = None
+
+    def _plan(self, tree: Tree) -> list[_Depth]:
+        key = tree.paths
+        if key not in self._plans:
+            self._plans[key] = draft_plan(tree)
+        return self._plans[key]
+
+    def __enter__(self):
+        for r in self._runners:
+            r.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for r in reversed(self._runners):
+            r.__exit__(*exc)
+        return False
+
+    def reset(self) -> None:
+        """Forget the sequence (a new prompt): the prefix layer's cache restarts at position 0."""
+        if self.prefix is not None:
+            self.prefix.reset()
+        self.ctx = None
+
+    def draft(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
+        tokens = np.empty(tree.size, np.int64)  # [q]
+        tokens[0] = root
+        if tree.size == 1:
+            return tokens
+        if self.prefix is not None:
+            if self.ctx is None:
+                raise SpectrtError("hydra++ drafter: draft() before any observe() (no prefix-layer state)")
+            ctx = self.ctx
+        else:
+            ctx = hidden
+        node_emb = np.empty((tree.size, self.hidden), self.embed.dtype)
+        for d, step in enumerate(self._plan(tree)):
+            node_emb[step.front] = self.embed(tokens[step.front])  # depth-d nodes: earlier ones already there
+            f = len(step.front)
+            context = np.ascontiguousarray(np.broadcast_to(ctx.astype(self.embed.dtype, copy=False), (f, self.hidden)))
+            feats = self.heads[d](context=context, path_embeddings=node_emb[step.ancestors])["head_features"]
+            top = self.lm_heads[d](head_features=feats)["topk_ids"]  # [F, 1, topk]
+            tokens[step.kids] = top[step.kid_row, 0, step.kid_rank]
+        return tokens
+
+    def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
+        """Hydra++: run the prefix layer over the committed tokens' base hidden states; keep the last state."""
+        if self.prefix is None:
+            return
+        a, s = len(hidden), 0
+        if a == 0:
+            return
+        while s < a:
+            c = min(self.prefix.max_q, a - s)
+            p = self.prefix.past
+            out = self.prefix.forward(hidden[s:s + c], np.arange(p, p + c), np.tri(c, dtype=np.bool_))
+            self.prefix.commit(range(c))
+            s += c
+        self.ctx = out[c - 1].copy()
+
+
+__all__ = ["HydraDrafter", "OrtPrefixRunner", "EmbeddingTable", "draft_plan", "PREFIX_MAX_Q"]

@@ -1,0 +1,273 @@
+"""Self-distillation on a tiny in-process Llama: prompts, generation cache, hidden states, training, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spectrt.calibration.distill import (DistillConfig, HiddenSet, compute_hidden, distill_samples, evaluate,
+                                         split_samples, train_heads)
+from spectrt.calibration.generations import encode_prompt, generate_responses, read_cache, model_fingerprint
+from spectrt.calibration.prompts import load_prompts
+from spectrt.export.medusa import MedusaConfig, MedusaHeads, load_medusa
+from spectrt.runtime.errors import SpectrtError
+
+VOCAB = 256
+WORDS = ["<pad>", "<s>", "</s>", "<user>", "<assistant>"] + [f"w{i}" for i in range(VOCAB - 5)]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="w0")
+    tok.chat_template = ("{% for m in messages %}<user> {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}<assistant> {% endif %}")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         initializer_range=0.2)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return model, _tokenizer()
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 5, (int(torch.randint(2, 9, (1,), generator=g)),),
+                                                           generator=g)) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+def test_load_prompts(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": 1, "prompt": "hello"}\n\n{"question_id": 2, "turns": ["first", "second"]}\n'
+                 '{"prompt": "third"}\n')
+    assert load_prompts(f) == ["hello", "first", "third"]
+    assert load_prompts(f, limit=2) == ["hello", "first"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(SpectrtError, match=r"bad.jsonl:2: no 'prompt' or 'turns' field \(fields: text\)"):
+        load_prompts(bad)
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    with pytest.raises(SpectrtError, match="bad.jsonl:2: not valid JSON"):
+        load_prompts(bad)
+    bad.write_text('{"turns": []}\n')
+    with pytest.raises(SpectrtError, match="non-empty list"):
+        load_prompts(bad)
+    bad.write_text("\n\n")
+    with pytest.raises(SpectrtError, match="no prompts"):
+        load_prompts(bad)
+    with pytest.raises(SpectrtError, match="no such prompts file"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+# ------------------------------------------------------------------------------------------ generations
+
+def test_generation_cache_is_resumable(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    calls = []
+    real_generate = model.generate
+
+    def counting_generate(*args, **kwargs):  # a spy: counts rows, runs the real generate
+        calls.append(kwargs["input_ids"].shape[0])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counting_generate)
+    cache = tmp_path / "gen.jsonl"
+    prompts = _prompts(7)
+    first = generate_responses(model, tok, prompts[:5], 12, cache, batch_size=2, progress=False)
+    assert sum(calls) == 5 and len(calls) == 3
+    assert len(cache.read_text().splitlines()) == 5
+    for prompt, (pids, rids) in zip(prompts, first):
+        assert pids == encode_prompt(tok, prompt) and pids[0] == 3 and pids[-1] == 4
+        assert 1 <= len(rids) <= 12 and (len(rids) == 12 or rids[-1] == 2)
+        assert 2 not in rids[:-1]  # cut at the first EOS
+
+    calls.clear()
+    again = generate_responses(model, tok, prompts[:5], 12, cache, batch_size=2, progress=False)
+    assert calls == [] and again == first  # second call generates nothing new
+
+    shorter = generate_responses(model, tok, prompts[:5], 5, cache, batch_size=2, progress=False)
+    assert calls == [] and shorter == [(p, r[:5]) for p, r in first]  # greedy: a prefix of the longer run
+
+    # a crash mid-append leaves a torn line: it is ignored, and the next batch still lands on its own line
+    with cache.open("a") as f:
+        f.write('{"model": "' + model_fingerprint(model) + '", "key": "abc", "prompt_ids": [1, 2')
+    more = generate_responses(model, tok, prompts, 12, cache, batch_size=2, progress=False)
+    assert sum(calls) == 2 and more[:5] == first
+    assert len(read_cache(cache, model_fingerprint(model))) == 7
+
+    # left-padded batches give the same greedy answers as one prompt at a time
+    calls.clear()
+    single = generate_responses(model, tok, prompts, 12, tmp_path / "single.jsonl", batch_size=1, progress=False)
+    assert len(calls) == 7 and single == more
+
+
+def test_generation_cache_is_per_model(tiny, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model, tok = tiny
+    cache = tmp_path / "gen.jsonl"
+    generate_responses(model, tok, _prompts(2), 6, cache, progress=False)
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(model.config).eval()
+    assert model_fingerprint(other) != model_fingerprint(model)
+    assert read_cache(cache, model_fingerprint(other)) == {}
+
+
+# ------------------------------------------------------------------------------------------ hidden states
+
+def test_hidden_states_match_output_hidden_states(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(3)
+    samples = [(torch.randint(5, VOCAB, (p,), generator=g).tolist(), torch.randint(5, VOCAB, (r,), generator=g).tolist())
+               for p, r in [(3, 5), (7, 1), (2, 9), (5, 4)]]
+    hs = compute_hidden(model, samples, batch_tokens=20, progress=False)  # forces several padded batches
+    assert hs.lengths == [5, 1, 9, 4] and len(hs) == 19 and hs.hidden.dtype == torch.float16
+    start = 0
+    for p, r in samples:
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0]
+        rows = ref[len(p) - 1:len(p) - 1 + len(r)]
+        assert torch.allclose(hs.hidden[start:start + len(r)].float(), rows, atol=2e-2, rtol=1e-2)
+        assert hs.tokens[start:start + len(r)].tolist() == r
+        start += len(r)
+
+
+def test_targets_stay_inside_each_response():
+    data = HiddenSet(torch.zeros(8, 4, dtype=torch.float16), torch.arange(8), [3, 1, 4])
+    t = data.targets(2)
+    # head k at row i predicts row i+k+1, only within the same sample
+    assert t.tolist() == [[1, 2], [2, -1], [-1, -1], [-1, -1], [5, 6], [6, 7], [7, -1], [-1, -1]]
+
+
+def test_split_is_seeded_and_disjoint():
+    a = split_samples(40, 0.1, seed=3)
+    assert a == split_samples(40, 0.1, seed=3) and a != split_samples(40, 0.1, seed=4)
+    train, held = a
+    assert len(held) == 4 and not set(train) & set(held) and sorted(train + held) == list(range(40))
+    with pytest.raises(SpectrtError, match="at least 2 prompts"):
+        split_samples(1, 0.1, 0)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def test_losses_use_the_right_targets(tiny):
+    """Head k at row i: lm target tokens[i+k+1]; teacher = the base's distribution at row i+k+1."""
+    from spectrt.calibration.distill import _head_loss
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(5)
+    samples = [([3, 9, 4], torch.randint(5, VOCAB, (6,), generator=g).tolist()),
+               ([3, 11, 12, 4], torch.randint(5, VOCAB, (4,), generator=g).tolist())]
+    data = compute_hidden(model, samples, progress=False)
+    w = model.get_output_embeddings().weight.detach()
+    heads = MedusaHeads(MedusaConfig(2, 1, 64, VOCAB, "2"))  # untrained: features == hidden
+    rows = torch.arange(len(data))
+    tidx = data.targets(2)
+    logp = torch.log_softmax(data.hidden.float() @ w.T, -1)  # base log-probs per row
+    lm, kl = [], []
+    for k in range(2):
+        valid = tidx[:, k] >= 0
+        src, dst = rows[valid], tidx[valid, k]
+        assert torch.equal(dst, src + k + 1)
+        lm.append(-logp[src, data.tokens[dst]].mean())
+        kl.append((logp[dst].exp() * (logp[dst] - logp[src])).sum(-1).mean())
+    for loss, expected in (("lm", lm), ("teacher", kl)):
+        got = _head_loss(heads, data.hidden.float(), tidx, data, w, loss, decay=0.5)
+        want = (expected[0] + 0.5 * expected[1]) / 1.5
+        assert torch.allclose(got, want, atol=1e-4), (loss, got, want)
+
+
+def _pattern_samples(n, length=24, seed=0):
+    """Responses that cycle through 16 tokens: the token two ahead is a function of the current one."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start = int(torch.randint(0, 16, (1,), generator=g))
+        prompt = [3] + torch.randint(5, VOCAB, (4,), generator=g).tolist() + [4]
+        out.append((prompt, [5 + 7 * ((start + i) % 16) for i in range(length)]))
+    return out
+
+
+@pytest.mark.parametrize("loss", ["lm", "teacher"])
+def test_training_learns_a_pattern(tiny, loss):
+    model, _ = tiny
+    samples = _pattern_samples(48)
+    train_idx, held_idx = split_samples(len(samples), 0.25, 0)
+    train = compute_hidden(model, [samples[i] for i in train_idx], progress=False)
+    held = compute_hidden(model, [samples[i] for i in held_idx], progress=False)
+    lm_weight = model.get_output_embeddings().weight.detach()
+    heads = MedusaHeads(MedusaConfig(2, 1, 64, VOCAB, "2"))
+    before = evaluate(heads, held, lm_weight)
+    cfg = DistillConfig(heads=2, epochs=6, lr=3e-2, batch_size=64, loss=loss, seed=0)
+    history = train_heads(heads, train, lm_weight, cfg, progress=False, heldout=held, log=lambda *_: None)
+    after = evaluate(heads, held, lm_weight)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    if loss == "lm":  # the lm loss directly targets the counting pattern
+        assert after[0]["top1"] > before[0]["top1"] + 0.3, (before, after)
+        assert after[0]["top5"] >= after[0]["top1"]
+    else:  # the teacher is the random base itself: the heads learn to match it two/three tokens ahead
+        assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+
+
+def test_distill_samples_writes_loadable_heads(tiny, tmp_path):
+    model, _ = tiny
+    samples = _pattern_samples(16, length=10)
+    out = tmp_path / "out" / "heads"
+    logs = []
+    cfg = DistillConfig(heads=3, epochs=1, batch_size=64, holdout=0.25, cache_dir=str(tmp_path / "cache"), half=True)
+    report = distill_samples(model, samples, out, cfg, "tiny", progress=False, log=logs.append)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "medusa_lm_head.safetensors", "report.json"]
+    assert [p.name for p in out.parent.iterdir()] == ["heads"]  # nothing half-written left around
+    heads = load_medusa(out)
+    assert heads.config.num_heads == 3 and heads.config.version == "2" and heads.config.vocab_size == VOCAB
+    assert heads.config.base_model_name_or_path == "tiny"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert [h["head"] for h in on_disk["heads"]] == [0, 1, 2] and on_disk["heldout"]["prompts"] == 4
+    assert all(0 <= h["top1"] <= h["top5"] <= 1 for h in on_disk["heads"])
+    # the second run reuses the cached hidden states and replaces the heads in place
+    distill_samples(model, samples, out, cfg, "tiny", progress=False, log=logs.append)
+    assert any("hidden states: cached" in line for line in logs)
+    assert [p.name for p in out.parent.iterdir()] == ["heads"]
+
+
+def test_cli_end_to_end(tiny, tmp_path, capsys):
+    from spectrt.cli import main
+
+    model, tok = tiny
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(6)))
+    out = tmp_path / "heads"
+    argv = ["distill", "-m", str(model_dir), "--prompts", str(prompts), "-o", str(out), "--heads", "2",
+            "--max-new-tokens", "8", "--epochs", "1", "--cache", str(tmp_path / "cache"), "--holdout", "0.3",
+            "--threads", "1", "-q"]
+    assert main(argv) == 0
+    assert load_medusa(out).config.num_heads == 2
+    assert "held-out accuracy" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["config"]["max_new_tokens"] == 8
+
+    assert main(argv[:4] + [str(tmp_path / "missing.jsonl")] + argv[5:]) == 2
+    assert "no such prompts file" in capsys.readouterr().err
+    assert main(argv + ["--loss", "teacher", "--heads", "0"]) == 2
+    assert "--heads must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,254 @@
+"""Medusa heads: the module, save/load round trips, reference-format and Medusa-2 imports, refusals."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from spectrt.export.medusa import (HEADS_FILE, MedusaConfig, MedusaHeads, check_compatible, load_medusa,
+                                   save_medusa)
+from spectrt.runtime.errors import SpectrtError
+
+H, V = 16, 40
+
+
+def _random_heads(version: str, K: int = 3, L: int = 2, seed: int = 0) -> MedusaHeads:
+    torch.manual_seed(seed)
+    heads = MedusaHeads(MedusaConfig(K, L, H, V, version, "tiny-base"))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.2)
+    return heads.eval()
+
+
+def _reference_forward(state: dict, h: int, L: int, x: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """What the reference Medusa head computes, written out from the key layout."""
+    for l in range(L):
+        x = x + F.silu(x @ state[f"{h}.{l}.linear.weight"].T + state[f"{h}.{l}.linear.bias"])
+    return x @ lm.T
+
+
+def test_untrained_heads_are_identity():
+    heads = MedusaHeads(MedusaConfig(3, 2, H, V, "2"))
+    x = torch.randn(5, H)
+    feats = heads.features(x)
+    assert feats.shape == (5, 3, H)
+    assert torch.equal(feats, x[:, None, :].expand(5, 3, H))
+    w = torch.randn(V, H)
+    assert torch.allclose(heads.logits(x, w), (x @ w.T)[:, None, :].expand(5, 3, V))
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_round_trip(tmp_path, version):
+    heads = _random_heads(version)
+    w = torch.randn(V, H)
+    x = torch.randn(2, 7, H)
+    out = save_medusa(heads, tmp_path / "heads")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", HEADS_FILE]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["medusa_num_heads"] == 3 and cfg["medusa_num_layers"] == 2 and cfg["version"] == version
+    loaded = load_medusa(out)
+    assert loaded.config == heads.config
+    for (k1, v1), (k2, v2) in zip(heads.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    base_w = w if version == "2" else None
+    assert torch.allclose(heads.logits(x, base_w), loaded.logits(x, base_w))
+    assert loaded.logits(x, base_w).shape == (2, 7, 3, V)
+
+    # fp16 on disk: same keys, half the bytes, close weights
+    save_medusa(heads, tmp_path / "half", half=True)
+    half = load_medusa(tmp_path / "half")
+    assert half.config == heads.config
+    assert torch.allclose(heads.logits(x, base_w), half.logits(x, base_w), atol=5e-2, rtol=1e-2)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "half" / HEADS_FILE), "pt") as f:
+        keys = set(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in keys)
+    expected = {f"{h}.{l}.linear.{p}" for h in range(3) for l in range(2) for p in ("weight", "bias")}
+    if version == "1":
+        expected |= {f"{h}.2.weight" for h in range(3)}
+    assert keys == expected
+
+
+def test_v2_logits_need_base_lm_head():
+    heads = _random_heads("2")
+    with pytest.raises(SpectrtError, match="base_lm_weight"):
+        heads.logits(torch.randn(1, H))
+
+
+def test_v2_as_v1_for_reference_tools():
+    from spectrt.export.medusa import to_v1
+
+    heads = _random_heads("2")
+    w = torch.randn(V, H)
+    v1 = to_v1(heads, w)
+    assert v1.config.version == "1" and v1.config.vocab_size == V
+    assert set(v1.reference_state_dict()) == set(heads.reference_state_dict()) | {f"{h}.2.weight" for h in range(3)}
+    x = torch.randn(4, H)
+    assert torch.allclose(v1.logits(x), heads.logits(x, w), atol=1e-5)
+    with pytest.raises(SpectrtError, match="hidden size"):
+        to_v1(heads, torch.randn(V, H + 1))
+
+
+def test_save_keeps_other_files_and_replaces_heads(tmp_path):
+    out = tmp_path / "heads"
+    save_medusa(_random_heads("2", seed=0), out)
+    (out / "README.md").write_text("notes")
+    second = _random_heads("2", K=4, seed=1)
+    save_medusa(second, out)
+    assert (out / "README.md").read_text() == "notes"
+    assert load_medusa(out).config.num_heads == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["heads"]  # no temp dirs left behind
+
+
+def test_import_reference_pt_with_under_reported_config(tmp_path):
+    K, L = 5, 1
+    torch.manual_seed(1)
+    state = {}
+    for h in range(K):
+        state[f"{h}.0.linear.weight"] = torch.randn(H, H) * 0.1
+        state[f"{h}.0.linear.bias"] = torch.randn(H) * 0.1
+        state[f"{h}.{L}.weight"] = torch.randn(V, H)
+    torch.save(state, tmp_path / "medusa_lm_head.pt")
+    # released configs list fewer heads than the checkpoint holds
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"medusa_num_heads": 2, "medusa_num_layers": 1, "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}))
+    heads = load_medusa(tmp_path)
+    assert heads.config.num_heads == K and heads.config.num_layers == L
+    assert heads.config.version == "1" and heads.config.vocab_size == V and heads.config.hidden_size == H
+    assert heads.config.base_model_name_or_path == "lmsys/vicuna-7b-v1.3"
+    x = torch.randn(3, H)
+    got = heads.logits(x)
+    for h in range(K):
+        assert torch.allclose(got[:, h], _reference_forward(state, h, L, x, state[f"{h}.{L}.weight"]), atol=1e-5)
+    # a file path works as well as the directory
+    assert load_medusa(tmp_path / "medusa_lm_head.pt").config.num_heads == K
+    # and heads written here can be read back as the reference key layout by a plain torch/safetensors user
+    save_medusa(heads, tmp_path / "out")
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "out" / HEADS_FILE))) == set(state)
+
+
+@pytest.mark.parametrize("with_lm_heads", [True, False])
+def test_import_medusa2_full_checkpoint(tmp_path, with_lm_heads):
+    K, L = 4, 2
+    torch.manual_seed(2)
+    base = {"model.embed_tokens.weight": torch.randn(V, H), "model.norm.weight": torch.ones(H),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(2 * H, H), "lm_head.weight": torch.randn(V, H)}
+    medusa = {}
+    for h in range(K):
+        for l in range(L):
+            medusa[f"medusa_head.{h}.{l}.linear.weight"] = torch.randn(H, H) * 0.1
+            medusa[f"medusa_head.{h}.{l}.linear.bias"] = torch.randn(H) * 0.1
+        if with_lm_heads:
+            medusa[f"medusa_head.{h}.{L}.weight"] = torch.randn(V, H)
+    # sharded like save_pretrained: medusa weights split across two files next to base weights
+    names = sorted(medusa)
+    shard1 = {**base, **{k: medusa[k] for k in names[: len(names) // 2]}}
+    shard2 = {k: medusa[k] for k in names[len(names) // 2:]}
+    save_file(shard1, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(shard2, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["MedusaModel"], "hidden_size": H, "vocab_size": V, "medusa_num_heads": 3,
+         "medusa_num_layers": L, "base_model_name_or_path": "base"}))
+    heads = load_medusa(tmp_path)
+    assert heads.config.num_heads == K and heads.config.num_layers == L
+    assert heads.config.version == ("1" if with_lm_heads else "2")
+    assert heads.config.vocab_size == V  # from the config when the heads share the base LM head
+    x = torch.randn(2, H)
+    lm = base["lm_head.weight"]
+    got = heads.logits(x, None if with_lm_heads else lm)
+    ref = {k[len("medusa_head."):]: v for k, v in medusa.items()}
+    for h in range(K):
+        head_lm = ref[f"{h}.{L}.weight"] if with_lm_heads else lm
+        assert torch.allclose(got[:, h], _reference_forward(ref, h, L, x, head_lm), atol=1e-5)
+
+
+def test_full_checkpoint_as_pytorch_bin(tmp_path):
+    state = {"model.embed_tokens.weight": torch.randn(V, H)}
+    for h in range(2):
+        state[f"base_model.medusa_head.{h}.0.linear.weight"] = torch.zeros(H, H)
+        state[f"base_model.medusa_head.{h}.0.linear.bias"] = torch.zeros(H)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    heads = load_medusa(tmp_path)
+    assert heads.config.num_heads == 2 and heads.config.version == "2" and heads.config.vocab_size is None
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_refuses_pickle_with_code(tmp_path):
+    marker = tmp_path / "pwned"
+    state = {"0.0.linear.weight": torch.zeros(H, H), "0.0.linear.bias": torch.zeros(H), "x": _Evil(str(marker))}
+    torch.save(state, tmp_path / "medusa_lm_head.pt")
+    with pytest.raises(SpectrtError, match="refusing"):
+        load_medusa(tmp_path)
+    assert not marker.exists()
+
+
+def test_corrupt_and_missing(tmp_path):
+    with pytest.raises(SpectrtError, match="no such"):
+        load_medusa(tmp_path / "nope")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / HEADS_FILE).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(SpectrtError, match="corrupt"):
+        load_medusa(tmp_path / "bad")
+    (tmp_path / "badpt").mkdir()
+    (tmp_path / "badpt" / "medusa_lm_head.pt").write_bytes(b"not a zip or pickle")
+    with pytest.raises(SpectrtError, match="corrupt"):
+        load_medusa(tmp_path / "badpt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpectrtError, match="no medusa_lm_head"):
+        load_medusa(tmp_path / "empty")
+    (tmp_path / "base").mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(V, H)}, str(tmp_path / "base" / "model.safetensors"))
+    with pytest.raises(SpectrtError, match="no medusa head weights"):
+        load_medusa(tmp_path / "base")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text("{not json")
+    save_file({"0.0.linear.weight": torch.zeros(H, H), "0.0.linear.bias": torch.zeros(H)},
+              str(tmp_path / "cfg" / HEADS_FILE))
+    with pytest.raises(SpectrtError, match="config"):
+        load_medusa(tmp_path / "cfg")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s: s.update({"1.0.linear.weight": torch.zeros(H + 1, H + 1), "1.0.linear.bias": torch.zeros(H + 1)}),
+     "hidden size"),
+    (lambda s: s.update({"1.0.linear.bias": torch.zeros(H + 2)}), "inconsistent shapes"),
+    (lambda s: s.pop("1.0.linear.bias"), "lacks"),
+    (lambda s: s.pop("2.1.weight"), "different layout"),
+    (lambda s: s.update({"2.1.weight": torch.zeros(V + 3, H)}), "LM head"),
+    (lambda s: s.update({"4.0.linear.weight": torch.zeros(H, H)}), "not 0"),
+])
+def test_inconsistent_shapes(tmp_path, mutate, message):
+    state = _random_heads("1", K=3, L=1).reference_state_dict()
+    state = {k: v.clone() for k, v in state.items()}
+    mutate(state)
+    save_file(state, str(tmp_path / HEADS_FILE))
+    with pytest.raises(SpectrtError, match=message):
+        load_medusa(tmp_path)
+
+
+def test_check_compatible():
+    v1 = _random_heads("1")
+    check_compatible(v1, H, V)
+    with pytest.raises(SpectrtError, match="hidden size 16, the base model has 32"):
+        check_compatible(v1, 32, V)
+    with pytest.raises(SpectrtError, match="predict 40 tokens.*has 41"):
+        check_compatible(v1, H, V + 1)
+    v2 = MedusaHeads(MedusaConfig(2, 1, H, None, "2"))
+    check_compatible(v2, H, 12345)  # vocabulary unknown: taken from the base
+    with pytest.raises(SpectrtError, match="hidden size"):
+        check_compatible(v2, H * 2, 12345)

@@ -20,14 +20,24 @@ DEFAULT_TREE = "cpu"
 REPORT = "report.json"
 
 
-def shipped_heads(builtin: str | None) -> Path | None:
-    """Heads shipped in the repo for a built-in model (``spectrt/data/heads/<name>-medusa``), if any."""
+SHIPPED_KINDS = ("medusa", "hydra")  # spectrt/data/heads/<model>-<kind>, preferred in this order
+
+
+def shipped_heads(builtin: str | None, kind: str | None = None) -> Path | None:
+    """Heads shipped in the repo for a built-in model (``spectrt/data/heads/<name>-<kind>``), if any.
+
+    Without ``kind`` the first shipped of SHIPPED_KINDS is the built-in model's default.
+    """
     if builtin is None:
         return None
     import spectrt
 
-    path = Path(spectrt.__file__).parent / "data" / "heads" / f"{builtin}-medusa"
-    return path if (path / "config.json").is_file() else None
+    root = Path(spectrt.__file__).parent / "data" / "heads"
+    for k in (kind,) if kind else SHIPPED_KINDS:
+        path = root / f"{builtin}-{k}"
+        if (path / "config.json").is_file():
+            return path
+    return None
 
 
 def head_accuracy(heads_dir: Path, num_heads: int, topk: int) -> list[list[float]]:

@@ -160,14 +160,18 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
 
 
 def _heads_path(o: ExportOptions, source) -> str | None:
+    """--heads: a directory/checkpoint, 'builtin' or 'builtin:KIND' (shipped heads); built-in models get
+    their default shipped heads unless --no-heads."""
     from spectrt.export.draft_export import shipped_heads
 
     if o.no_heads:
         return None
-    if o.heads in (None, "builtin"):
-        shipped = shipped_heads(source.builtin)
-        if o.heads == "builtin" and shipped is None:
-            raise SpectrtError(f"no heads are shipped for '{source.name}'; pass --heads DIR")
+    if o.heads is None or o.heads.startswith("builtin"):
+        kind = (o.heads or "").partition(":")[2] or None
+        shipped = shipped_heads(source.builtin, kind)
+        if o.heads is not None and shipped is None:
+            what = f"{kind} heads" if kind else "heads"
+            raise SpectrtError(f"no {what} are shipped for '{source.name}'; pass --heads DIR")
         return str(shipped) if shipped else None
     if not Path(o.heads).exists():
         raise SpectrtError(f"{o.heads}: no such heads directory or checkpoint")

@@ -218,14 +218,15 @@ def effective_max_context(profile: DeviceProfile, artifact_max_context: int | No
 def dim_ranges(graph: str | GraphSpec, profile: DeviceProfile, max_context: int | None = None) -> list[tuple[str, dict]]:
     """(label, {dynamic dim: (min, opt, max)}) per optimization profile of ``graph``.
 
-    base: "prefill" (q up to the prefill chunk) and "decode" (q = 1 .. max tree nodes, decode and
-    verify); past spans 0 .. ctx - 1 in both (0: the first prefill chunk, empty KV views).
+    base and hydra_prefix (dims batch, q, past): "prefill" (q up to the prefill chunk) and "decode"
+    (q = 1 .. max tree nodes, decode and verify); past spans 0 .. ctx - 1 in both (0: the first prefill
+    chunk, empty KV views).
     heads / draft_lm_head: "frontier" (batch = 1 .. max frontier nodes).
     """
     spec = graph_spec(graph) if isinstance(graph, str) else graph
     ctx = effective_max_context(profile, max_context)
     batch = (1, 1, profile.max_batch)
-    if spec.name == "base":
+    if set(spec.dynamic) == {"batch", "q", "past"}:
         chunk = min(profile.max_prefill_chunk, ctx)
         tree = min(profile.max_tree_nodes, ctx)
         past_max = ctx - 1

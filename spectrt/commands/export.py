@@ -17,8 +17,8 @@ def register(sub) -> None:
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="KV cache length in tokens")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the ORT-vs-torch checks")
     p.add_argument("--heads", default=None,
-                   help="Medusa heads (dir or checkpoint); 'builtin' = the heads shipped for a built-in model, "
-                        "which built-in models get by default")
+                   help="draft heads: a Medusa or Hydra dir/checkpoint, or 'builtin[:medusa|hydra]' = heads shipped "
+                        "for a built-in model (built-in models get their default shipped heads)")
     p.add_argument("--no-heads", action="store_true", help="export the base model only")
     p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="candidates per head from the draft LM head")
     p.add_argument("--tree", default=None,

@@ -13,7 +13,8 @@ def register(sub) -> None:
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--prompts", default=None, help="JSONL with 'prompt' or Spec-Bench 'turns' (default: bundled "
                                                    "39-question Spec-Bench subset)")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts")
+    p.add_argument("--stride", type=int, default=1, help="every K-th prompt (a spread over all categories)")
+    p.add_argument("--limit", type=int, default=None, help="at most N prompts (after --stride)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=128)
     p.add_argument("--tree", default=None, help="tree JSON (default: the export's)")
     p.add_argument("--transformers", action="store_true",
@@ -37,10 +38,13 @@ def run(args) -> int:
 
     from spectrt.calibration.prompts import DEFAULT_PROMPTS, load_prompt_records
     from spectrt.runtime.bench import format_report, run_bench, write_json
+    from spectrt.runtime.errors import SpectrtError
     from spectrt.runtime.manifest import load_artifact
     from spectrt.runtime.session import SessionConfig
 
-    records = load_prompt_records(args.prompts or DEFAULT_PROMPTS, args.limit)
+    if args.stride < 1:
+        raise SpectrtError(f"--stride must be at least 1, not {args.stride}")
+    records = load_prompt_records(args.prompts or DEFAULT_PROMPTS)[::args.stride][:args.limit]
     hf = None
     if args.transformers:
         from spectrt.export.reference import HFGreedy

@@ -6,6 +6,9 @@ printed (a benchmark, not a test: nothing here asserts a speed).
 from __future__ import annotations
 
 import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -54,37 +57,45 @@ class BenchReport:
         out = {"prompts": self.prompts, "mismatches": self.mismatches,
                "modes": {m: t.row() for m, t in self.modes.items()},
                "categories": {c: {m: t.row() for m, t in ms.items()} for c, ms in self.categories.items()}}
-        if "ar" in self.modes and "spec" in self.modes:
-            out["speedup"] = round(self.modes["spec"].tok_s / self.modes["ar"].tok_s, 3)
+        ar = self.modes.get("ar")
+        for m, t in self.modes.items():
+            if ar is not None and m != "ar":
+                out.setdefault("speedups", {})[m] = round(t.tok_s / ar.tok_s, 3)
+        if "spec" in out.get("speedups", {}):
+            out["speedup"] = out["speedups"]["spec"]
         return out
 
 
-def run_bench(artifact_dir, records, max_new_tokens: int, config: SessionConfig | None = None,
+def run_bench(artifact_dirs, records, max_new_tokens: int, config: SessionConfig | None = None,
               hf_generate=None, progress=None) -> BenchReport:
-    """``records``: (category, prompt) pairs. ``hf_generate(ids, n) -> (tokens, seconds)`` adds a transformers row."""
+    """AR (on the first artifact) vs speculative decoding of each artifact with draft heads.
+
+    ``records``: (category, prompt) pairs; ``hf_generate(ids, n) -> (tokens, seconds)`` adds a
+    transformers row. Every output is compared with the AR output.
+    """
     config = config or SessionConfig()
+    dirs = [artifact_dirs] if isinstance(artifact_dirs, (str, os.PathLike)) else list(artifact_dirs)
     report = BenchReport()
-    with SpecSession(artifact_dir, config) as s:
-        decoders = {"ar": Decoder(s.base, eos_ids=s.codec.eos_ids, prefill_chunk=config.prefill_chunk)}
-        if s.mode == "spec":
-            decoders["spec"] = s.decoder
-        warm = s.codec.encode("Hello!")
+    with ExitStack() as stack:
+        sessions = [stack.enter_context(SpecSession(d, config)) for d in dirs]
+        first = sessions[0]
+        decoders = {"ar": Decoder(first.base, eos_ids=first.codec.eos_ids, prefill_chunk=config.prefill_chunk)}
+        for d, s in zip(dirs, sessions):
+            if s.mode == "spec":
+                decoders["spec" if len(dirs) == 1 else f"spec:{Path(d).name}"] = s.decoder
+        warm = first.codec.encode("Hello!")
         for d in decoders.values():
             d.generate(warm, 8)
         for category, prompt in (progress(records) if progress else records):
-            ids = s.codec.encode(prompt)
-            if len(ids) + 2 > s.max_context:
-                raise SpectrtError(f"a prompt has {len(ids)} tokens, over the max context {s.max_context}")
+            ids = first.codec.encode(prompt)
+            if len(ids) + 2 > first.max_context:
+                raise SpectrtError(f"a prompt has {len(ids)} tokens, over the max context {first.max_context}")
             results = {m: d.generate(ids, max_new_tokens) for m, d in decoders.items()}
             if hf_generate is not None:
                 tokens, seconds = hf_generate(ids, max_new_tokens)
-                hf = GenerationResult(len(ids), tokens, decode_s=seconds, steps=len(tokens) - 1)
-                results["transformers"] = hf
+                results["transformers"] = GenerationResult(len(ids), tokens, decode_s=seconds, steps=len(tokens) - 1)
             ref = results["ar"].tokens
-            report.mismatches += sum(r.tokens != ref[:len(r.tokens)] or len(r.tokens) < len(ref)
-                                     for m, r in results.items() if m != "transformers")
-            if hf_generate is not None and results["transformers"].tokens[:len(ref)] != ref:
-                report.mismatches += 1
+            report.mismatches += sum(r.tokens != ref for r in results.values())
             for m, r in results.items():
                 report.modes[m].add(r)
                 report.categories[category or "all"][m].add(r)
@@ -99,14 +110,15 @@ def format_report(report: BenchReport) -> str:
     for m, r in j["modes"].items():
         lines.append(f"{m:<14}{r['tok_s']:>9.2f}{r['tau']:>8.2f}{r['draft_ms_per_step']:>10.2f}"
                      f"{r['verify_ms_per_step']:>11.2f}{r['tokens']:>8}")
-    if "speedup" in j:
-        lines.append(f"\nspeedup spec/ar: {j['speedup']:.2f}x")
-    if len(j["categories"]) > 1 and "spec" in j["modes"]:
-        lines += ["", f"{'category':<16}{'ar tok/s':>10}{'spec tok/s':>12}{'speedup':>9}{'tau':>7}"]
+    for m, x in j.get("speedups", {}).items():
+        lines.append(f"speedup {m} / ar: {x:.2f}x")
+    specs = [m for m in j["modes"] if m.startswith("spec")]
+    if len(j["categories"]) > 1 and specs:
+        lines += ["", f"{'category':<16}{'ar tok/s':>10}" + "".join(f"{m + ' x / tau':>24}" for m in specs)]
         for c, ms in sorted(j["categories"].items()):
-            ar, sp = ms["ar"], ms["spec"]
-            lines.append(f"{c:<16}{ar['tok_s']:>10.2f}{sp['tok_s']:>12.2f}{sp['tok_s'] / ar['tok_s']:>8.2f}x"
-                         f"{sp['tau']:>7.2f}")
+            ar = ms["ar"]["tok_s"]
+            cells = "".join(f"{ms[m]['tok_s'] / ar:>17.2f}x /{ms[m]['tau']:>5.2f}" for m in specs)
+            lines.append(f"{c:<16}{ar:>10.2f}{cells}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("bench", help="AR vs speculative decoding (and optionally transformers) on a prompt set",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("artifact", metavar="DIR", nargs="+",
+                   help="export(s); AR runs on the first, speculative decoding on each one with draft heads")
     p.add_argument("--prompts", default=None, help="JSONL with 'prompt' or Spec-Bench 'turns' (default: bundled "
                                                    "39-question Spec-Bench subset)")
     p.add_argument("--stride", type=int, default=1, help="every K-th prompt (a spread over all categories)")
@@ -49,7 +50,7 @@ def run(args) -> int:
     if args.transformers:
         from spectrt.export.reference import HFGreedy
 
-        model = load_artifact(args.artifact).model
+        model = load_artifact(args.artifact[0]).model
         hf = HFGreedy(model.get("builtin") or model["source"], args.threads)
     if args.vocab_sweep:
         return run_sweep(args, records)
@@ -72,14 +73,17 @@ def run_sweep(args, records) -> int:
 
     if not args.vocab:
         raise SpectrtError("--vocab-sweep needs --vocab VOCAB.json (ranked ids from `spectrt calibrate vocab`)")
-    vocab = load_artifact(args.artifact).model["vocab"]
+    if len(args.artifact) != 1:
+        raise SpectrtError("--vocab-sweep takes one export")
+    artifact = args.artifact[0]
+    vocab = load_artifact(artifact).model["vocab"]
     try:
         sizes = [vocab if s.strip() == "full" else int(s) for s in args.vocab_sweep.split(",")]
     except ValueError:
         raise SpectrtError(f"--vocab-sweep takes sizes like 1000,4000,full, not '{args.vocab_sweep}'") from None
     config = SessionConfig(provider=args.provider, threads=args.threads, tree=args.tree)
-    rows = sweep(args.artifact, args.vocab, sizes, records, args.max_new_tokens,
-                 args.sweep_dir or f"{args.artifact.rstrip('/')}.vocab-sweep", config)
+    rows = sweep(artifact, args.vocab, sizes, records, args.max_new_tokens,
+                 args.sweep_dir or f"{artifact.rstrip('/')}.vocab-sweep", config)
     print(format_rows(rows))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -370,7 +370,7 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
     import torch
 
     from spectrt.calibration.generations import model_fingerprint
-    from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
+    from spectrt.export.medusa import MedusaConfig, MedusaHeads, fix_modes, save_medusa
 
     cfg.validate()
     timings = dict(timings or {})
@@ -432,6 +432,7 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
             os.replace(f, staging / f.name)
         (staging / "heads").rmdir()
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        fix_modes(staging)
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

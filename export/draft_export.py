@@ -43,7 +43,11 @@ def shipped_heads(builtin: str | None, kind: str | None = None) -> Path | None:
 def head_accuracy(heads_dir: Path, num_heads: int, topk: int) -> list[list[float]]:
     """acc[d][r]: probability that rank r of head d is right, from the distillation report when present.
 
-    Without a report, a conservative prior (accuracy halving per head and per rank) is used.
+    The report gives cumulative top-k accuracies at a few k (e.g. top1, top5); the mass between two known
+    k is spread evenly over those ranks, and ranks past the last known k decay geometrically. Where the
+    report has ``chain_top1`` (head d right given heads < d right along rank 0), deeper heads are scaled to
+    that conditional accuracy, since a tree only asks head d once its ancestors were accepted. Without a
+    report, a conservative prior (accuracy halving per head and per rank) is used.
     """
     report = heads_dir / REPORT if heads_dir.is_dir() else None
     if report is not None and report.is_file():
@@ -51,13 +55,22 @@ def head_accuracy(heads_dir: Path, num_heads: int, topk: int) -> list[list[float
             heads = json.loads(report.read_text())["heads"]
             acc = []
             for h in heads[:num_heads]:
-                cum = [0.0] + [float(h[f"top{k}"]) for k in range(1, 6) if f"top{k}" in h]
-                marg = [max(cum[i + 1] - cum[i], 1e-6) for i in range(len(cum) - 1)]
-                tail = marg[-1]
-                acc.append((marg + [tail * 0.5 ** (i + 1) for i in range(topk - len(marg))])[:topk])
+                known = sorted((int(k[3:]), float(v)) for k, v in h.items() if k.startswith("top") and k[3:].isdigit())
+                marg, prev_k, prev_c = [], 0, 0.0
+                for k, c in known:
+                    marg += [max(c - prev_c, 1e-6) / (k - prev_k)] * (k - prev_k)
+                    prev_k, prev_c = k, c
+                while len(marg) < topk:
+                    marg.append(marg[-1] * 0.5)
+                chain = [float(x.get("chain_top1", 0)) for x in heads[:len(acc) + 1]]
+                d = len(acc)
+                if d and chain[d - 1] > 0 and chain[d] > 0:
+                    scale = min(chain[d] / chain[d - 1] / marg[0], 1.0 / marg[0])
+                    marg = [m * scale for m in marg]
+                acc.append(marg[:topk])
             if len(acc) == num_heads:
                 return acc
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError):
             pass
     return [[0.5 ** (d + 1) * 0.5 ** r for r in range(topk)] for d in range(num_heads)]
 

@@ -296,6 +296,21 @@ def check_compatible(heads: MedusaHeads, hidden_size: int, vocab_size: int) -> N
                            f"{vocab_size}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fix_modes(directory: Path) -> None:
+    """Give a directory made by ``tempfile`` (0700, files 0600) the modes a normal mkdir/open would give."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for f in directory.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
+
+
 def to_v1(heads: MedusaHeads, base_lm_weight: torch.Tensor) -> MedusaHeads:
     """v2 heads as v1 heads that each own a copy of the base LM head: for tools that expect the original
     layout (TensorRT-LLM's and TGI's Medusa loaders need ``{h}.{L}.weight``). v1 heads are returned as is."""
@@ -342,6 +357,7 @@ def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, half: bool = F
     try:
         save_file(tensors, str(tmp / HEADS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        fix_modes(tmp)
         if directory.exists():
             for f in directory.iterdir():
                 if f.name not in (HEADS_FILE, "config.json", HEADS_FILE_PT) and not (tmp / f.name).exists():

@@ -236,6 +236,8 @@ def test_distill_samples_writes_loadable_heads(tiny, tmp_path):
     report = distill_samples(model, samples, out, cfg, "tiny", progress=False, log=logs.append)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "medusa_lm_head.safetensors", "report.json"]
     assert [p.name for p in out.parent.iterdir()] == ["heads"]  # nothing half-written left around
+    assert out.stat().st_mode & 0o755 == 0o755  # not the 0700 of a temp dir: shipped as package data
+    assert all(p.stat().st_mode & 0o644 == 0o644 for p in out.iterdir())
     heads = load_medusa(out)
     assert heads.config.num_heads == 3 and heads.config.version == "2" and heads.config.vocab_size == VOCAB
     assert heads.config.base_model_name_or_path == "tiny"

@@ -54,7 +54,7 @@ class OrtPrefixRunner(OrtBaseRunner):
     def __init__(self, artifact: Artifact, max_q: int = PREFIX_MAX_Q, provider: str = DEFAULT_PROVIDER,
                  max_context: int | None = None, threads: int | None = None):
         super().__init__(artifact, max_q, provider, max_context, threads)
-        self.loader = SessionFromOnnx(artifact.graph_path("hydra_prefix"), provider, threads)
+        self.loader = SessionFromOnnx(artifact.graph_path("hydra_prefix"), provider, threads, spin=False)
 
     def __enter__(self):
         d, np_dtype = self.dims, np.dtype(self.artifact.dtype)

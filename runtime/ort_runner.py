@@ -29,10 +29,15 @@ class ContextFull(SpectrtError):
 
 
 class SessionFromOnnx:
-    """Lazy loader: an ``onnxruntime.InferenceSession`` for a graph file, created only when called."""
+    """Lazy loader: an ``onnxruntime.InferenceSession`` for a graph file, created only when called.
 
-    def __init__(self, path, provider: str = DEFAULT_PROVIDER, threads: int | None = None):
-        self.path, self.provider, self.threads = str(path), provider, threads
+    ``spin``: let idle intra-op threads busy-wait for the next call. Right for the one big graph called
+    back to back; wrong for the small draft graphs, whose spinning threads would steal the cores the
+    base graph needs next (a decode step alternates between several sessions).
+    """
+
+    def __init__(self, path, provider: str = DEFAULT_PROVIDER, threads: int | None = None, spin: bool = True):
+        self.path, self.provider, self.threads, self.spin = str(path), provider, threads, spin
 
     def __call__(self):
         import onnxruntime as ort
@@ -45,6 +50,7 @@ class SessionFromOnnx:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self.threads or os.cpu_count() or 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         opts.log_severity_level = 3
         try:
             return ort.InferenceSession(self.path, opts, providers=[ep])
@@ -166,7 +172,7 @@ class OrtGraphRunner:
                  threads: int | None = None):
         self.artifact, self.graph, self.max_batch = artifact, graph, max_batch
         self.dims = {**model_dims(artifact.model), **artifact.manifest.get("draft", {}).get("dims", {})}
-        self.loader = SessionFromOnnx(artifact.graph_path(graph), provider, threads)
+        self.loader = SessionFromOnnx(artifact.graph_path(graph), provider, threads, spin=False)
         self.spec = graph_spec(graph)
 
     def __enter__(self):

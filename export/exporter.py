@@ -37,6 +37,7 @@ class ExportOptions:
     tree: str | None = None  # tree JSON or node count; None: the default size from the heads' accuracies
     vocab: str | None = None  # VocabTrim file from `spectrt calibrate vocab`
     vocab_size: int | None = None  # keep the top N (of --vocab, or of a calibration on the bundled prompts)
+    full_vocab: bool = False  # built-in models get their bundled VocabTrim unless this is set
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -95,6 +96,13 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     heads = _heads_path(o, source)
     if heads is None and (o.vocab or o.vocab_size):
         raise SpectrtError("--vocab/--vocab-size trim the draft LM head: they need draft heads (--heads)")
+    if o.full_vocab and (o.vocab or o.vocab_size):
+        raise SpectrtError("--full-vocab contradicts --vocab/--vocab-size")
+    vocab, vocab_size = o.vocab, o.vocab_size
+    if heads is not None and not (o.full_vocab or vocab or vocab_size):
+        from spectrt.export.draft_export import builtin_vocab
+
+        vocab, vocab_size = builtin_vocab(source.builtin) or (None, None)
 
     steps = _Steps(progress, total=(5 if o.validate else 4) + (heads is not None))
     steps("loading model")
@@ -132,7 +140,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
             steps(f"building the draft graphs from {heads}")
             from spectrt.export.draft_export import export_draft, vocab_trim
 
-            trim = vocab_trim(model, tok, o.vocab, o.vocab_size, o.topk)
+            trim = vocab_trim(model, tok, vocab, vocab_size, o.topk)
             records, manifest["draft"] = export_draft(heads, model, dims, tmp, dtype, o.opset, o.topk, o.tree,
                                                        __version__, file_record, trim)
             manifest["graphs"].update(records)

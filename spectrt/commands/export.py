@@ -22,11 +22,13 @@ def register(sub) -> None:
     p.add_argument("--no-heads", action="store_true", help="export the base model only")
     p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="candidates per head from the draft LM head")
     p.add_argument("--tree", default=None,
-                   help="tree: 'cpu' (16 nodes, default), 'gpu' (64), a node count, or a JSON file of top-k rank paths; "
+                   help="tree: 'cpu' (2 nodes, default), 'gpu' (64), a node count, or a JSON file of top-k rank paths; "
                         "sizes are filled with the best paths for the heads' measured accuracies")
     p.add_argument("--vocab", default=None, help="VocabTrim file (spectrt calibrate vocab) for the draft LM head")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="keep the top N tokens (of --vocab, or calibrated on the bundled prompts)")
+    p.add_argument("--full-vocab", action="store_true",
+                   help="no VocabTrim (built-in models otherwise get their bundled ranking and default N)")
     p.set_defaults(func=run)
 
 
@@ -35,7 +37,7 @@ def run(args) -> int:
 
     options = ExportOptions(dtype=args.dtype, opset=args.opset, max_context=args.max_context, validate=args.validate,
                             heads=args.heads, no_heads=args.no_heads, topk=args.topk, tree=args.tree,
-                            vocab=args.vocab, vocab_size=args.vocab_size)
+                            vocab=args.vocab, vocab_size=args.vocab_size, full_vocab=args.full_vocab)
     out = export_model(args.model, args.output, options)
     print(f"exported to {out}")
     return 0

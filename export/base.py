@@ -47,79 +47,91 @@ def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rot, sin))
 
 
+def attention_tables(g: GraphBuilder, tree: str, pos: str, shp: _Shapes, inv_freq: np.ndarray,
+                     rope_scaling: float, groups: int) -> tuple[str, str, str]:
+    """(bias [B, 1, G*q, P+q], cos, sin [B, q, 1, D]): computed once per graph, shared by its layers.
+
+    The bias is 0 where visible and finfo.min where masked; the past is fully visible.
+    """
+    minval = float(np.finfo(g.np_dtype).min)
+    tree_bias = g.op("Where", tree, g.const(0.0, "model"), g.const(minval, "model"))  # [B, q, q]
+    past_zero = g.op("ConstantOfShape", g.op("Concat", shp.batch, shp.q, shp.past, axis=0),
+                     value=helper.make_tensor("zero", 1 if g.dtype == "float32" else 10, [1], [0]))
+    bias = g.op("Unsqueeze", g.op("Concat", past_zero, tree_bias, axis=2), g.const([1]))  # [B, 1, q, P+q]
+    if groups > 1:
+        bias = g.op("Tile", bias, g.const([1, 1, groups, 1]))  # rows ordered (g, t) like the queries
+    # rotary tables from positions, in fp32
+    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=1), g.const([-1])), g.const(inv_freq, "float32"))
+    emb = g.op("Concat", freqs, freqs, axis=-1)
+    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+    if rope_scaling != 1.0:
+        cos, sin = g.op("Mul", cos, g.const(rope_scaling, "float32")), g.op("Mul", sin, g.const(rope_scaling, "float32"))
+    if g.dtype != "float32":
+        cos, sin = g.op("Cast", cos, to=10), g.op("Cast", sin, to=10)
+    return bias, g.op("Unsqueeze", cos, g.const([2])), g.op("Unsqueeze", sin, g.const([2]))
+
+
+def decoder_layer(g: GraphBuilder, x: str, param, eps: float, heads: int, kv_heads: int, head_dim: int,
+                  past: tuple[str, str], new: tuple, cdims: dict, tables: tuple[str, str, str], name: str) -> str:
+    """One pre-norm decoder layer (RMSNorm, rotary GQA attention over past + new, SiLU-gated MLP).
+
+    ``param(hf_name, transpose=False)`` returns a Hugging Face layer weight (``self_attn.q_proj.weight``
+    ...) as numpy, or None when absent (biases). ``new``: the contract specs of this layer's new K/V
+    outputs, written token-major ``[q, B, kv, hd]``. Returns the layer output ``[B, q, H]``.
+    """
+    D, KVH, NH, G = head_dim, kv_heads, heads, heads // kv_heads
+    bias, cos, sin = tables
+    h = _rms_norm(g, x, g.weight(f"{name}.input_norm", param("input_layernorm.weight")), eps)
+    qkv = {}
+    for proj in ("q", "k", "v"):
+        qkv[proj] = _linear(g, h, param(f"self_attn.{proj}_proj.weight", True), param(f"self_attn.{proj}_proj.bias"),
+                            f"{name}.{proj}_proj")
+    q = g.op("Reshape", qkv["q"], g.const([0, 0, NH, D]))  # [B, q, NH, D]
+    k = g.op("Reshape", qkv["k"], g.const([0, 0, KVH, D]))  # [B, q, KVH, D]
+    v = g.op("Reshape", qkv["v"], g.const([0, 0, KVH, D]))
+    q, k = _rotate(g, q, cos, sin, D // 2), _rotate(g, k, cos, sin, D // 2)
+
+    new_k = g.add_output(new[0], cdims, g.op("Transpose", k, perm=[1, 0, 2, 3]))  # [q, B, KVH, D]
+    new_v = g.add_output(new[1], cdims, g.op("Transpose", v, perm=[1, 0, 2, 3]))
+    keys_t = g.op("Transpose", g.op("Concat", past[0], new_k, axis=0), perm=[1, 2, 3, 0])  # [B, KVH, D, S]
+    vals_t = g.op("Transpose", g.op("Concat", past[1], new_v, axis=0), perm=[1, 2, 0, 3])  # [B, KVH, S, D]
+
+    qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, KVH, G, D])), perm=[0, 2, 3, 1, 4])
+    qg = g.op("Reshape", qg, g.const([0, 0, -1, D]))  # [B, KVH, G*q, D]
+    scale = g.const(1.0 / np.sqrt(D), "model")
+    scores = g.op("Add", g.op("Mul", g.op("MatMul", qg, keys_t), scale), bias)  # [B, KVH, G*q, S]
+    ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), vals_t)  # [B, KVH, G*q, D]
+    ctx = g.op("Transpose", g.op("Reshape", ctx, g.const([0, 0, G, -1, D])), perm=[0, 3, 1, 2, 4])
+    ctx = g.op("Reshape", ctx, g.const([0, 0, NH * D]))  # [B, q, NH*D]
+    x = g.op("Add", x, _linear(g, ctx, param("self_attn.o_proj.weight", True), param("self_attn.o_proj.bias"),
+                               f"{name}.o_proj"))
+
+    h = _rms_norm(g, x, g.weight(f"{name}.post_norm", param("post_attention_layernorm.weight")), eps)
+    gate = _linear(g, h, param("mlp.gate_proj.weight", True), param("mlp.gate_proj.bias"), f"{name}.gate_proj")
+    up = _linear(g, h, param("mlp.up_proj.weight", True), param("mlp.up_proj.bias"), f"{name}.up_proj")
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+    down = _linear(g, act, param("mlp.down_proj.weight", True), param("mlp.down_proj.bias"), f"{name}.down_proj")
+    return g.op("Add", x, down)
+
+
 def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray, rope_scaling: float,
                      dtype: str, opset: int, producer: str):
     g = GraphBuilder("spectrt_base", opset, dtype)
     D, KVH, NH = dims.head_dim, dims.kv_heads, dims.num_heads
-    G = NH // KVH
     cdims = {"hidden": dims.hidden, "vocab": dims.vocab, "kv_heads": KVH, "head_dim": D}
     ins, outs = BASE.expand(dims.num_layers)
     names = {s.name: g.add_input(s, cdims) for s in ins}
     out_spec = {s.name: s for s in outs}
     ids, pos, tree = names["input_ids"], names["position_ids"], names["tree_mask"]
     shp = _Shapes(g, ids, "past_key.0")
-    minval = float(np.finfo(g.np_dtype).min)
-
-    # Attention bias over [past | new]: 0 where visible, finfo.min where masked.   # [B, 1, G*q, P+q]
-    tree_bias = g.op("Where", tree, g.const(0.0, "model"), g.const(minval, "model"))  # [B, q, q]
-    past_zero = g.op("ConstantOfShape", g.op("Concat", shp.batch, shp.q, shp.past, axis=0),
-                     value=helper.make_tensor("zero", 1 if dtype == "float32" else 10, [1], [0]))
-    bias = g.op("Unsqueeze", g.op("Concat", past_zero, tree_bias, axis=2), g.const([1]))  # [B, 1, q, P+q]
-    if G > 1:
-        bias = g.op("Tile", bias, g.const([1, 1, G, 1]))  # rows ordered (g, t) like the queries below
-
-    # Rotary tables from positions, in fp32.   # cos/sin: [B, q, 1, D]
-    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=1), g.const([-1])), g.const(inv_freq, "float32"))
-    emb = g.op("Concat", freqs, freqs, axis=-1)
-    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
-    if rope_scaling != 1.0:
-        cos, sin = g.op("Mul", cos, g.const(rope_scaling, "float32")), g.op("Mul", sin, g.const(rope_scaling, "float32"))
-    if dtype != "float32":
-        cos, sin = g.op("Cast", cos, to=10), g.op("Cast", sin, to=10)
-    cos, sin = g.op("Unsqueeze", cos, g.const([2])), g.op("Unsqueeze", sin, g.const([2]))
-    scale = g.const(1.0 / np.sqrt(D), "model")
+    tables = attention_tables(g, tree, pos, shp, inv_freq, rope_scaling, NH // KVH)
 
     embed = g.weight("embed_tokens", weights.embed)  # [V, H], shared with a tied LM head
     x = g.op("Gather", embed, ids, axis=0)  # [B, q, H]
     for i in range(dims.num_layers):
-        p = f"layers.{i}"
-        h = _rms_norm(g, x, g.weight(f"{p}.input_norm", weights.layer(i, "input_layernorm.weight")), dims.rms_eps)
-        qkv = {}
-        for proj in ("q", "k", "v"):
-            qkv[proj] = _linear(g, h, weights.layer(i, f"self_attn.{proj}_proj.weight", True),
-                                weights.layer(i, f"self_attn.{proj}_proj.bias"), f"{p}.{proj}_proj")
-        q = g.op("Reshape", qkv["q"], g.const([0, 0, NH, D]))  # [B, q, NH, D]
-        k = g.op("Reshape", qkv["k"], g.const([0, 0, KVH, D]))  # [B, q, KVH, D]
-        v = g.op("Reshape", qkv["v"], g.const([0, 0, KVH, D]))
-        q, k = _rotate(g, q, cos, sin, D // 2), _rotate(g, k, cos, sin, D // 2)
-
-        new_k = g.add_output(out_spec[f"new_key.{i}"], cdims, g.op("Transpose", k, perm=[1, 0, 2, 3]))
-        new_v = g.add_output(out_spec[f"new_value.{i}"], cdims, g.op("Transpose", v, perm=[1, 0, 2, 3]))
-        keys = g.op("Concat", names[f"past_key.{i}"], new_k, axis=0)  # [S, B, KVH, D]
-        vals = g.op("Concat", names[f"past_value.{i}"], new_v, axis=0)
-        keys_t = g.op("Transpose", keys, perm=[1, 2, 3, 0])  # [B, KVH, D, S]
-        vals_t = g.op("Transpose", vals, perm=[1, 2, 0, 3])  # [B, KVH, S, D]
-
-        qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, KVH, G, D])), perm=[0, 2, 3, 1, 4])
-        qg = g.op("Reshape", qg, g.const([0, 0, -1, D]))  # [B, KVH, G*q, D]
-        scores = g.op("Add", g.op("Mul", g.op("MatMul", qg, keys_t), scale), bias)  # [B, KVH, G*q, S]
-        ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), vals_t)  # [B, KVH, G*q, D]
-        ctx = g.op("Transpose", g.op("Reshape", ctx, g.const([0, 0, G, -1, D])), perm=[0, 3, 1, 2, 4])
-        ctx = g.op("Reshape", ctx, g.const([0, 0, NH * D]))  # [B, q, NH*D]
-        attn = _linear(g, ctx, weights.layer(i, "self_attn.o_proj.weight", True),
-                       weights.layer(i, "self_attn.o_proj.bias"), f"{p}.o_proj")
-        x = g.op("Add", x, attn)
-
-        h = _rms_norm(g, x, g.weight(f"{p}.post_norm", weights.layer(i, "post_attention_layernorm.weight")),
-                      dims.rms_eps)
-        gate = _linear(g, h, weights.layer(i, "mlp.gate_proj.weight", True), weights.layer(i, "mlp.gate_proj.bias"),
-                       f"{p}.gate_proj")
-        up = _linear(g, h, weights.layer(i, "mlp.up_proj.weight", True), weights.layer(i, "mlp.up_proj.bias"),
-                     f"{p}.up_proj")
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
-        down = _linear(g, act, weights.layer(i, "mlp.down_proj.weight", True), weights.layer(i, "mlp.down_proj.bias"),
-                       f"{p}.down_proj")
-        x = g.op("Add", x, down)
+        x = decoder_layer(g, x, lambda n, t=False, i=i: weights.layer(i, n, t), dims.rms_eps, NH, KVH, D,
+                          (names[f"past_key.{i}"], names[f"past_value.{i}"]),
+                          (out_spec[f"new_key.{i}"], out_spec[f"new_value.{i}"]), cdims, tables, f"layers.{i}")
 
     hidden = _rms_norm(g, x, g.weight("final_norm", weights.require("model.norm.weight")), dims.rms_eps)
     flat = g.op("Reshape", hidden, g.const([-1, dims.hidden]))  # [B*q, H]

@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from onnx import helper
 
-from spectrt.export.base import _linear, _rms_norm, _rotate, _Shapes
+from spectrt.export.base import _linear, _rms_norm, _Shapes, attention_tables, decoder_layer
 from spectrt.export.draft_graphs import build_draft_lm_head_graph
 from spectrt.export.onnx_graph import GraphBuilder, save_model
 from spectrt.runtime.contract import DRAFT_LM_HEAD, HYDRA_HEAD, HYDRA_PREFIX
@@ -26,6 +25,17 @@ ONNX_FLOAT = {1: "float32", 10: "float16"}
 
 def _np(t) -> np.ndarray:
     return t.detach().float().cpu().numpy()
+
+
+def _param(module, hf_name: str, transpose: bool = False) -> np.ndarray | None:
+    """A torch layer's weight by its Hugging Face name (``self_attn.q_proj.weight``), None if absent."""
+    obj = module
+    for part in hf_name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    w = _np(obj)
+    return np.ascontiguousarray(w.T) if transpose else w
 
 
 def build_hydra_head_graph(heads, i: int, dtype: str, opset: int, producer: str):
@@ -80,50 +90,16 @@ def build_hydra_prefix_graph(prefix, kv_heads: int, head_dim: int, hidden: int, 
     p = prefix.layers[0]
     a = p.self_attn
     D, KVH, NH = head_dim, kv_heads, a.nh
-    G = NH // KVH
     g = GraphBuilder("spectrt_hydra_prefix", opset, dtype)
     cdims = {"hidden": hidden, "kv_heads": KVH, "head_dim": D}
     names = {s.name: g.add_input(s, cdims) for s in HYDRA_PREFIX.inputs}
     out_spec = {s.name: s for s in HYDRA_PREFIX.outputs}
     x, pos, tree = names["hidden_states"], names["position_ids"], names["tree_mask"]
     shp = _Shapes(g, x, "past_key.0")  # batch and q are dims 0 and 1 of hidden_states too
-    minval = float(np.finfo(g.np_dtype).min)
-    tree_bias = g.op("Where", tree, g.const(0.0, "model"), g.const(minval, "model"))
-    past_zero = g.op("ConstantOfShape", g.op("Concat", shp.batch, shp.q, shp.past, axis=0),
-                     value=helper.make_tensor("zero", 1 if dtype == "float32" else 10, [1], [0]))
-    bias = g.op("Unsqueeze", g.op("Concat", past_zero, tree_bias, axis=2), g.const([1]))
-    if G > 1:
-        bias = g.op("Tile", bias, g.const([1, 1, G, 1]))
-    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=1), g.const([-1])), g.const(inv_freq, "float32"))
-    emb = g.op("Concat", freqs, freqs, axis=-1)
-    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
-    if rope_scaling != 1.0:
-        cos, sin = g.op("Mul", cos, g.const(rope_scaling, "float32")), g.op("Mul", sin, g.const(rope_scaling, "float32"))
-    if dtype != "float32":
-        cos, sin = g.op("Cast", cos, to=10), g.op("Cast", sin, to=10)
-    cos, sin = g.op("Unsqueeze", cos, g.const([2])), g.op("Unsqueeze", sin, g.const([2]))
-
-    h = _rms_norm(g, x, g.weight("input_norm", _np(p.input_layernorm.weight)), p.input_layernorm.eps)
-    q = g.op("Reshape", _linear(g, h, _np(a.q_proj.weight).T, None, "q_proj"), g.const([0, 0, NH, D]))
-    k = g.op("Reshape", _linear(g, h, _np(a.k_proj.weight).T, None, "k_proj"), g.const([0, 0, KVH, D]))
-    v = g.op("Reshape", _linear(g, h, _np(a.v_proj.weight).T, None, "v_proj"), g.const([0, 0, KVH, D]))
-    q, k = _rotate(g, q, cos, sin, D // 2), _rotate(g, k, cos, sin, D // 2)
-    new_k = g.add_output(out_spec["new_key.0"], cdims, g.op("Transpose", k, perm=[1, 0, 2, 3]))
-    new_v = g.add_output(out_spec["new_value.0"], cdims, g.op("Transpose", v, perm=[1, 0, 2, 3]))
-    keys_t = g.op("Transpose", g.op("Concat", names["past_key.0"], new_k, axis=0), perm=[1, 2, 3, 0])
-    vals_t = g.op("Transpose", g.op("Concat", names["past_value.0"], new_v, axis=0), perm=[1, 2, 0, 3])
-    qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, KVH, G, D])), perm=[0, 2, 3, 1, 4])
-    qg = g.op("Reshape", qg, g.const([0, 0, -1, D]))
-    scores = g.op("Add", g.op("Mul", g.op("MatMul", qg, keys_t), g.const(1.0 / np.sqrt(D), "model")), bias)
-    ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), vals_t)
-    ctx = g.op("Transpose", g.op("Reshape", ctx, g.const([0, 0, G, -1, D])), perm=[0, 3, 1, 2, 4])
-    ctx = g.op("Reshape", ctx, g.const([0, 0, NH * D]))
-    x = g.op("Add", x, _linear(g, ctx, _np(a.o_proj.weight).T, None, "o_proj"))
-    h = _rms_norm(g, x, g.weight("post_norm", _np(p.post_attention_layernorm.weight)), p.post_attention_layernorm.eps)
-    gate = _linear(g, h, _np(p.mlp.gate_proj.weight).T, None, "gate_proj")
-    up = _linear(g, h, _np(p.mlp.up_proj.weight).T, None, "up_proj")
-    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-    x = g.op("Add", x, _linear(g, act, _np(p.mlp.down_proj.weight).T, None, "down_proj"))
+    tables = attention_tables(g, tree, pos, shp, inv_freq, rope_scaling, NH // KVH)
+    x = decoder_layer(g, x, lambda n, t=False: _param(p, n, t), p.input_layernorm.eps, NH, KVH, D,
+                      (names["past_key.0"], names["past_value.0"]), (out_spec["new_key.0"], out_spec["new_value.0"]),
+                      cdims, tables, "prefix")
     out = _rms_norm(g, x, g.weight("final_norm", _np(prefix.norm.weight)), prefix.norm.eps)
     g.add_output(out_spec["context"], cdims, out)
     order = {s.name: n for n, s in enumerate(HYDRA_PREFIX.outputs)}

@@ -23,9 +23,10 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spectrt.export.files import publish_dir, staging_dir
 from spectrt.runtime.errors import SpectrtError
 
 # torch is imported inside the functions: the CLI reads DistillConfig's defaults without loading torch.
@@ -340,22 +341,6 @@ def split_samples(n: int, holdout: float, seed: int) -> tuple[list[int], list[in
     return sorted(perm[k:]), sorted(perm[:k])
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Move ``staging`` to ``out_dir``; files of an existing ``out_dir`` that staging lacks are kept."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise SpectrtError(f"{out_dir}: exists and is not a directory")
-        for f in out_dir.iterdir():
-            if not (staging / f.name).exists():
-                (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "d")
-        os.replace(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
-
-
 def format_report(report: dict) -> str:
     lines = [f"{'head':>4} {'predicts':>8} {'top-1':>7} {'top-5':>7} {'chain':>7} {'positions':>9}"]
     for r in report["heads"]:
@@ -370,7 +355,7 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
     import torch
 
     from spectrt.calibration.generations import model_fingerprint
-    from spectrt.export.medusa import MedusaConfig, MedusaHeads, fix_modes, save_medusa
+    from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
 
     cfg.validate()
     timings = dict(timings or {})
@@ -423,8 +408,7 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
         "timings": timings,
         "config": asdict(cfg),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = staging_dir(out_dir)
     try:
         save_medusa(heads, staging / "heads", half=cfg.half,
                     extra_config={"trained_with": "spectrt distill", "loss": cfg.loss})
@@ -432,8 +416,7 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
             os.replace(f, staging / f.name)
         (staging / "heads").rmdir()
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        fix_modes(staging)
-        _publish(staging, out_dir)
+        publish_dir(staging, out_dir, keep_existing=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

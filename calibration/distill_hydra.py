@@ -20,12 +20,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spectrt.calibration.distill import DistillConfig, LOSSES, _publish, format_report, split_samples
+from spectrt.calibration.distill import DistillConfig, LOSSES, format_report, split_samples
+from spectrt.export.files import publish_dir, staging_dir
 from spectrt.runtime.errors import SpectrtError
 
 HYDRA_ARCHS = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -288,8 +288,7 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
                                                                     zip(train.hidden, train.starts))},
               "heldout": {"prompts": len(held_idx)}, "heads": final, "untrained_heads": initial,
               "history": history, "timings": timings, "config": asdict(cfg)}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = staging_dir(out_dir)
     try:
         save_hydra(heads, staging / "heads", half=cfg.half,
                    extra_config={"trained_with": f"spectrt distill --arch {cfg.arch}", "loss": cfg.loss})
@@ -297,7 +296,7 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
             os.replace(f, staging / f.name)
         (staging / "heads").rmdir()
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        _publish(staging, out_dir)
+        publish_dir(staging, out_dir, keep_existing=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -8,7 +8,7 @@ import numpy as np
 
 from spectrt.export.draft_graphs import build_draft_lm_head_graph, build_heads_graph
 from spectrt.export.onnx_graph import save_model
-from spectrt.runtime.contract import DEFAULT_TOPK, DRAFT_LM_HEAD, HEADS
+from spectrt.runtime.contract import DRAFT_LM_HEAD, HEADS
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.ort_runner import OrtGraphRunner
 from spectrt.runtime.tree import Tree

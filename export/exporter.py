@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from spectrt.export.base import build_base_graph
+from spectrt.export.files import publish_dir, staging_dir
 from spectrt.export.families import HFWeights, decoder_dims, rope_tables
 from spectrt.export.onnx_graph import save_model
 from spectrt.export.sources import resolve_model, load_hf
@@ -116,10 +116,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     dims = dims.__class__(**{**dims.__dict__, "tied_embeddings": tied})
     inv_freq, rope_scale = rope_tables(model)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if str(out.parent) else "."))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename
+    tmp = staging_dir(out)
     try:
         steps("building base.onnx")
         graph = build_base_graph(dims, HFWeights(model), inv_freq, rope_scale, dtype, o.opset, __version__)
@@ -160,7 +157,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
                 progress(f"  ok  {c.name}: max |delta| {c.max_abs:.2e} (atol {c.atol:.0e})")
             write_manifest(tmp, manifest)
         steps(f"moving into place: {out}")
-        _replace_dir(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -184,17 +181,6 @@ def _heads_path(o: ExportOptions, source) -> str | None:
     if not Path(o.heads).exists():
         raise SpectrtError(f"{o.heads}: no such heads directory or checkpoint")
     return o.heads
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing export at ``out`` is swapped out, then removed."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class _Steps:

@@ -31,10 +31,8 @@ different values are refused. The reference prefix layer's unused full vocabular
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import torch
 from torch import nn
 
 from spectrt.export.medusa import _load_state_file, _read_json
+from spectrt.export.files import publish_dir, staging_dir
 from spectrt.runtime.errors import SpectrtError
 
 ARCHS = ("mlp", "prefix-mlp")
@@ -482,21 +481,12 @@ def save_hydra(heads: HydraHeads, directory, half: bool = False, extra_config: d
             cast[v.data_ptr()] = v.detach().to("cpu", dtype).contiguous()
         full[k] = cast[v.data_ptr()]
     unique = {k: full[k] for k in heads.unique_state_dict()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = staging_dir(directory)
     try:
         torch.save(full, tmp / HYDRA_FILE_PT)
         save_file(unique, str(tmp / HYDRA_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if directory.exists():
-            for f in directory.iterdir():
-                if not (tmp / f.name).exists():
-                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / "d")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        publish_dir(tmp, directory, keep_existing=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

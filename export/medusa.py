@@ -27,13 +27,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from spectrt.export.files import publish_dir, staging_dir
 from spectrt.runtime.errors import SpectrtError
 
 HEADS_FILE = "medusa_lm_head.safetensors"
@@ -296,21 +296,6 @@ def check_compatible(heads: MedusaHeads, hidden_size: int, vocab_size: int) -> N
                            f"{vocab_size}")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fix_modes(directory: Path) -> None:
-    """Give a directory made by ``tempfile`` (0700, files 0600) the modes a normal mkdir/open would give."""
-    mask = _umask()
-    os.chmod(directory, 0o777 & ~mask)
-    for f in directory.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~mask)
-
-
 def to_v1(heads: MedusaHeads, base_lm_weight: torch.Tensor) -> MedusaHeads:
     """v2 heads as v1 heads that each own a copy of the base LM head: for tools that expect the original
     layout (TensorRT-LLM's and TGI's Medusa loaders need ``{h}.{L}.weight``). v1 heads are returned as is."""
@@ -353,24 +338,11 @@ def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, half: bool = F
     config.update(extra_config or {})
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in heads.reference_state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = staging_dir(directory)
     try:
         save_file(tensors, str(tmp / HEADS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        fix_modes(tmp)
-        if directory.exists():
-            for f in directory.iterdir():
-                if f.name not in (HEADS_FILE, "config.json", HEADS_FILE_PT) and not (tmp / f.name).exists():
-                    if f.is_dir():
-                        shutil.copytree(f, tmp / f.name)
-                    else:
-                        shutil.copy2(f, tmp / f.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / "d")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        publish_dir(tmp, directory, keep_existing=True, drop=(HEADS_FILE_PT,))  # a stale .pt would shadow
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -61,7 +61,6 @@ def test_ar_equals_transformers_greedy(tiny_models, tiny_exports, family):
 
 
 def test_tied_embeddings_stored_once(tiny_models, tiny_exports):
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])

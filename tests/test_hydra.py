@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from spectrt.export.hydra import (HYDRA_FILE, HYDRA_FILE_PT, HydraConfig, HydraHeads, is_hydra_checkpoint,
+from spectrt.export.hydra import (HYDRA_FILE, HYDRA_FILE_PT, is_hydra_checkpoint,
                                   load_hydra, prefix_dims, save_hydra)
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.hydra import draft_plan

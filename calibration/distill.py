@@ -435,11 +435,20 @@ def _default_cache_dir() -> Path:
 def distill(model, tok, prompts: list[str], out_dir, cfg: DistillConfig | None = None, model_name: str = "",
             progress: bool = True, log=print) -> dict:
     """Greedy responses (cached) -> hidden states (cached) -> trained heads in ``out_dir``; the report dict."""
+    cfg = cfg or DistillConfig()
+    samples, fingerprint, timings = base_responses(model, tok, prompts, cfg, progress, log)
+    return distill_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings)
+
+
+def base_responses(model, tok, prompts: list[str], cfg, progress: bool = True, log=print):
+    """The base model's greedy answers (shared generation cache): (samples, model fingerprint, timings).
+
+    Also applies ``cfg.validate()`` and ``cfg.threads``; shared by Medusa and Hydra distillation.
+    """
     import torch
 
     from spectrt.calibration.generations import default_generations_path, generate_responses, model_fingerprint
 
-    cfg = cfg or DistillConfig()
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -449,5 +458,4 @@ def distill(model, tok, prompts: list[str], out_dir, cfg: DistillConfig | None =
     gen_path = default_generations_path(model, cache_dir, fingerprint)
     log(f"generations cache: {gen_path}")
     samples = generate_responses(model, tok, prompts, cfg.max_new_tokens, gen_path, cfg.gen_batch_size, progress)
-    timings = {"generate_s": round(time.time() - t0, 1)}
-    return distill_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings)
+    return samples, fingerprint, {"generate_s": round(time.time() - t0, 1)}

@@ -309,19 +309,7 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
 def distill_hydra(model, tok, prompts: list[str], out_dir, cfg: HydraDistillConfig, model_name: str = "",
                   progress: bool = True, log=print) -> dict:
     """Greedy responses (the shared cache) -> hidden states (cached) -> trained Hydra heads in ``out_dir``."""
-    import torch
+    from spectrt.calibration.distill import base_responses
 
-    from spectrt.calibration.distill import _default_cache_dir
-    from spectrt.calibration.generations import default_generations_path, generate_responses, model_fingerprint
-
-    cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
-    fingerprint = model_fingerprint(model)
-    t0 = time.time()
-    gen_path = default_generations_path(model, cache_dir, fingerprint)
-    log(f"generations cache: {gen_path}")
-    samples = generate_responses(model, tok, prompts, cfg.max_new_tokens, gen_path, cfg.gen_batch_size, progress)
-    timings = {"generate_s": round(time.time() - t0, 1)}
+    samples, fingerprint, timings = base_responses(model, tok, prompts, cfg, progress, log)
     return distill_hydra_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings)

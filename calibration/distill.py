@@ -408,10 +408,19 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
         "timings": timings,
         "config": asdict(cfg),
     }
+    publish_heads(save_medusa, heads, out_dir, report, half=cfg.half,
+                  extra_config={"trained_with": "spectrt distill", "loss": cfg.loss})
+    if final:
+        log(f"held-out accuracy ({len(held_idx)} prompts, {len(held)} positions):\n" + format_report(report))
+    log(f"wrote {out_dir}")
+    return report
+
+
+def publish_heads(save, heads, out_dir: Path, report: dict, **save_kwargs) -> None:
+    """``save(heads, dir, **save_kwargs)`` + ``report.json`` into ``out_dir`` atomically (other files kept)."""
     staging = staging_dir(out_dir)
     try:
-        save_medusa(heads, staging / "heads", half=cfg.half,
-                    extra_config={"trained_with": "spectrt distill", "loss": cfg.loss})
+        save(heads, staging / "heads", **save_kwargs)
         for f in (staging / "heads").iterdir():
             os.replace(f, staging / f.name)
         (staging / "heads").rmdir()
@@ -420,10 +429,6 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if final:
-        log(f"held-out accuracy ({len(held_idx)} prompts, {len(held)} positions):\n" + format_report(report))
-    log(f"wrote {out_dir}")
-    return report
 
 
 def _default_cache_dir() -> Path:

@@ -16,16 +16,12 @@ the format the exporter reads to size the tree.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spectrt.calibration.distill import DistillConfig, LOSSES, format_report, split_samples
-from spectrt.export.files import publish_dir, staging_dir
+from spectrt.calibration.distill import DistillConfig, LOSSES, format_report, publish_heads, split_samples
 from spectrt.runtime.errors import SpectrtError
 
 HYDRA_ARCHS = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -288,18 +284,8 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
                                                                     zip(train.hidden, train.starts))},
               "heldout": {"prompts": len(held_idx)}, "heads": final, "untrained_heads": initial,
               "history": history, "timings": timings, "config": asdict(cfg)}
-    staging = staging_dir(out_dir)
-    try:
-        save_hydra(heads, staging / "heads", half=cfg.half,
-                   extra_config={"trained_with": f"spectrt distill --arch {cfg.arch}", "loss": cfg.loss})
-        for f in (staging / "heads").iterdir():
-            os.replace(f, staging / f.name)
-        (staging / "heads").rmdir()
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        publish_dir(staging, out_dir, keep_existing=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    publish_heads(save_hydra, heads, out_dir, report, half=cfg.half,
+                  extra_config={"trained_with": f"spectrt distill --arch {cfg.arch}", "loss": cfg.loss})
     if final:
         log(f"held-out accuracy ({len(held_idx)} prompts, teacher forced):\n" + format_report(report))
     log(f"wrote {out_dir}")

@@ -20,13 +20,12 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spectrt.export.files import publish_dir, staging_dir
+from spectrt.export.files import staged
 from spectrt.runtime.errors import SpectrtError
 
 # torch is imported inside the functions: the CLI reads DistillConfig's defaults without loading torch.
@@ -352,20 +351,10 @@ def format_report(report: dict) -> str:
 def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str = "", progress: bool = True,
                     log=print, fingerprint: str | None = None, timings: dict | None = None) -> dict:
     """Train heads on ``[(prompt_ids, response_ids)]`` and write them (+ report.json) to ``out_dir``."""
-    import torch
-
-    from spectrt.calibration.generations import model_fingerprint
     from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
 
-    cfg.validate()
+    out_dir, fingerprint, cache_dir, train_idx, held_idx = training_setup(model, samples, out_dir, cfg, fingerprint)
     timings = dict(timings or {})
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SpectrtError(f"{out_dir}: exists and is not a directory")
-    torch.manual_seed(cfg.seed)
-    fingerprint = fingerprint or model_fingerprint(model)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
-    train_idx, held_idx = split_samples(len(samples), cfg.holdout, cfg.seed)
 
     t0 = time.time()
     train = cached_hidden(model, [samples[i] for i in train_idx], cache_dir, fingerprint,
@@ -416,19 +405,33 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
     return report
 
 
+def training_setup(model, samples, out_dir, cfg, fingerprint: str | None):
+    """Shared start of Medusa and Hydra training: checked config and output dir, seed, cache dir, the
+    model fingerprint and the seeded train/held-out split. Returns (out_dir, fingerprint, cache_dir,
+    train_idx, held_idx)."""
+    import torch
+
+    from spectrt.calibration.generations import model_fingerprint
+
+    cfg.validate()
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpectrtError(f"{out_dir}: exists and is not a directory")
+    torch.manual_seed(cfg.seed)
+    fingerprint = fingerprint or model_fingerprint(model)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    train_idx, held_idx = split_samples(len(samples), cfg.holdout, cfg.seed)
+    return out_dir, fingerprint, cache_dir, train_idx, held_idx
+
+
 def publish_heads(save, heads, out_dir: Path, report: dict, **save_kwargs) -> None:
     """``save(heads, dir, **save_kwargs)`` + ``report.json`` into ``out_dir`` atomically (other files kept)."""
-    staging = staging_dir(out_dir)
-    try:
+    with staged(out_dir, keep_existing=True) as staging:
         save(heads, staging / "heads", **save_kwargs)
         for f in (staging / "heads").iterdir():
             os.replace(f, staging / f.name)
         (staging / "heads").rmdir()
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        publish_dir(staging, out_dir, keep_existing=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _default_cache_dir() -> Path:

@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from spectrt.calibration.distill import DistillConfig, LOSSES, format_report, publish_heads, split_samples
+from spectrt.calibration.distill import DistillConfig, LOSSES, format_report, publish_heads
 from spectrt.runtime.errors import SpectrtError
 
 HYDRA_ARCHS = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -230,22 +229,12 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
                           progress: bool = True, log=print, fingerprint: str | None = None,
                           timings: dict | None = None) -> dict:
     """Train Hydra/Hydra++ heads on ``[(prompt_ids, response_ids)]``; writes heads + report.json to ``out_dir``."""
-    import torch
-
-    from spectrt.calibration.distill import _default_cache_dir
-    from spectrt.calibration.generations import model_fingerprint
+    from spectrt.calibration.distill import training_setup
     from spectrt.export.families import rope_tables
     from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
 
-    cfg.validate()
+    out_dir, fingerprint, cache_dir, train_idx, held_idx = training_setup(model, samples, out_dir, cfg, fingerprint)
     timings = dict(timings or {})
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SpectrtError(f"{out_dir}: exists and is not a directory")
-    torch.manual_seed(cfg.seed)
-    fingerprint = fingerprint or model_fingerprint(model)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
-    train_idx, held_idx = split_samples(len(samples), cfg.holdout, cfg.seed)
     arch = HYDRA_ARCHS[cfg.arch]
     full = arch == "prefix-mlp"
     t0 = time.time()

@@ -6,12 +6,11 @@ or interrupted export leaves no half-written DIR.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from spectrt.export.base import build_base_graph
-from spectrt.export.files import publish_dir, staging_dir
+from spectrt.export.files import staged
 from spectrt.export.families import HFWeights, decoder_dims, rope_tables
 from spectrt.export.onnx_graph import save_model
 from spectrt.export.sources import resolve_model, load_hf
@@ -116,8 +115,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     dims = dims.__class__(**{**dims.__dict__, "tied_embeddings": tied})
     inv_freq, rope_scale = rope_tables(model)
 
-    tmp = staging_dir(out)
-    try:
+    with staged(out) as tmp:
         steps("building base.onnx")
         graph = build_base_graph(dims, HFWeights(model), inv_freq, rope_scale, dtype, o.opset, __version__)
         files = save_model(graph, tmp / "base.onnx")
@@ -157,10 +155,6 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
                 progress(f"  ok  {c.name}: max |delta| {c.max_abs:.2e} (atol {c.atol:.0e})")
             write_manifest(tmp, manifest)
         steps(f"moving into place: {out}")
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from spectrt.runtime.errors import SpectrtError
@@ -49,3 +50,15 @@ def publish_dir(staging: Path, target: str | os.PathLike, keep_existing: bool = 
     os.replace(target, old / "d")
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged(target: str | os.PathLike, keep_existing: bool = False, drop=()):
+    """``with staged(DIR) as tmp:`` write into ``tmp``; on success it becomes ``DIR``, on any error it is removed."""
+    tmp = staging_dir(target)
+    try:
+        yield tmp
+        publish_dir(tmp, target, keep_existing, drop)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from spectrt.export.medusa import _load_state_file, _read_json
-from spectrt.export.files import publish_dir, staging_dir
+from spectrt.export.files import staged
 from spectrt.runtime.errors import SpectrtError
 
 ARCHS = ("mlp", "prefix-mlp")
@@ -481,15 +480,10 @@ def save_hydra(heads: HydraHeads, directory, half: bool = False, extra_config: d
             cast[v.data_ptr()] = v.detach().to("cpu", dtype).contiguous()
         full[k] = cast[v.data_ptr()]
     unique = {k: full[k] for k in heads.unique_state_dict()}
-    tmp = staging_dir(directory)
-    try:
+    with staged(directory, keep_existing=True) as tmp:
         torch.save(full, tmp / HYDRA_FILE_PT)
         save_file(unique, str(tmp / HYDRA_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        publish_dir(tmp, directory, keep_existing=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

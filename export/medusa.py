@@ -26,14 +26,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from spectrt.export.files import publish_dir, staging_dir
+from spectrt.export.files import staged
 from spectrt.runtime.errors import SpectrtError
 
 HEADS_FILE = "medusa_lm_head.safetensors"
@@ -338,14 +337,9 @@ def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, half: bool = F
     config.update(extra_config or {})
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in heads.reference_state_dict().items()}
-    tmp = staging_dir(directory)
-    try:
+    with staged(directory, keep_existing=True, drop=(HEADS_FILE_PT,)) as tmp:  # a stale .pt would shadow
         save_file(tensors, str(tmp / HEADS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        publish_dir(tmp, directory, keep_existing=True, drop=(HEADS_FILE_PT,))  # a stale .pt would shadow
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

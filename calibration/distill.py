@@ -307,11 +307,7 @@ def train_heads(heads, data: HiddenSet, lm_weight, cfg: DistillConfig, progress:
                               cfg.decay)
             if loss is None:
                 continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(opt, sched, params, loss)
             step += 1
             total_loss += loss.detach().item() * rows.numel()
             seen += rows.numel()
@@ -403,6 +399,17 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
         log(f"held-out accuracy ({len(held_idx)} prompts, {len(held)} positions):\n" + format_report(report))
     log(f"wrote {out_dir}")
     return report
+
+
+def optimizer_step(opt, sched, params, loss) -> None:
+    """Backward, clip the gradient norm to 1, step the optimizer and the LR schedule."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
 
 
 def training_setup(model, samples, out_dir, cfg, fingerprint: str | None):

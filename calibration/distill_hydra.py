@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-from spectrt.calibration.distill import DistillConfig, LOSSES, format_report, publish_heads
+from spectrt.calibration.distill import DistillConfig, LOSSES, format_report, optimizer_step, publish_heads
 from spectrt.runtime.errors import SpectrtError
 
 HYDRA_ARCHS = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -206,11 +206,7 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
             loss = hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, cfg.loss, cfg.decay)
             if loss is None:
                 continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(opt, sched, params, loss)
             tot += loss.item() * len(b)
             seen += len(b)
             bar.set_postfix(loss=f"{tot / max(seen, 1):.3f}")

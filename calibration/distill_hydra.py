@@ -1,13 +1,13 @@
 """Self-distillation of Hydra (``--arch hydra``) and Hydra++ (``--arch hydra++``) heads.
 
 Same pipeline and caches as Medusa (``calibration.distill``): greedy responses from the shared generations
-cache, a seeded train/held-out split, base hidden states cached on disk by ``cached_hidden``. Differences:
+cache, a seeded train/held-out split, base hidden states from the shared ``sequence_hidden`` cache. Differences:
 
 * teacher forcing: head k at position t sees ``concat(ctx_t, E(y_{t+1}), ..., E(y_{t+k+1}))`` with the true
   (base greedy) tokens, and predicts ``y_{t+k+2}``; ``E`` is the base's frozen input embedding;
 * Hydra++ runs the prefix layer (one Llama decoder layer, trained) over the base hidden states of the
-  *whole* sequence, prompt included, so its hidden-state cache holds every position (Hydra reuses
-  Medusa's cache file: the same rows); only positions in the response are trained on;
+  *whole* sequence, prompt included (the shared cache holds every position; Hydra and Medusa read only the
+  response rows); only positions in the response are trained on;
 * losses: ``lm`` (cross-entropy on the base's greedy tokens, Hydra's default) or ``teacher`` (cross-entropy
   against the base's next-token distribution, Hydra++'s default, with dropout ``--dropout``).
 
@@ -20,7 +20,8 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-from spectrt.calibration.distill import DistillConfig, LOSSES, format_report, optimizer_step, publish_heads
+from spectrt.calibration.distill import (DistillConfig, LOSSES, format_report, lm_head_dtype, optimizer_step,
+                                         publish_heads)
 from spectrt.runtime.errors import SpectrtError
 
 HYDRA_ARCHS = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -69,15 +70,15 @@ class SeqData:
 
 
 def load_data(model, samples, cache_dir, fingerprint, cfg, full: bool, progress=True, log=print) -> SeqData:
-    """Hidden states through Medusa's ``cached_hidden``; ``full``: from position 0 (Hydra++'s prefix layer)."""
-    from spectrt.calibration.distill import cached_hidden
+    """Hidden states from the shared ``sequence_hidden`` cache; ``full``: every position from 0 (Hydra++'s
+    prefix layer reads the whole context), else only the response rows (Hydra, like Medusa)."""
+    from spectrt.calibration.distill import response_rows, sequence_hidden
 
-    if full:  # ([p0], p[1:] + r): compute_hidden then keeps every position 0 .. n - 2 of prompt + response
-        seqs = [([p[0]], list(p[1:]) + list(r)) for p, r in samples]
+    hs = sequence_hidden(model, samples, cache_dir, fingerprint, cfg.hidden_batch_tokens, progress, log)
+    if full:
         starts = [len(p) - 1 for p, _ in samples]
     else:
-        seqs, starts = samples, [0] * len(samples)
-    hs = cached_hidden(model, seqs, cache_dir, fingerprint, cfg.hidden_batch_tokens, progress, log)
+        hs, starts = response_rows(hs, samples), [0] * len(samples)
     hidden, tokens, s = [], [], 0
     for n in hs.lengths:
         hidden.append(hs.hidden[s:s + n])
@@ -109,7 +110,8 @@ def _batch(data: SeqData, idx, num_heads: int):
 
 
 def _head_terms(heads, emb, lm_weight, hid, tok, b, r, valid, ctx):
-    """Yields (k, logits [M_k, V], target rows (b, r + k + 1)) for every head with valid positions."""
+    """Yields (k, logits [M_k, V], target rows (b, r + k + 1)) for every head with valid positions.
+    ``lm_weight``: the base LM head [V, H] (shared heads run their matmul in its dtype)."""
     import torch
 
     for k in range(heads.num_heads):
@@ -119,7 +121,11 @@ def _head_terms(heads, emb, lm_weight, hid, tok, b, r, valid, ctx):
         bk, rk = b[m], r[m]
         path = tok[bk[:, None], rk[:, None] + torch.arange(k + 1)[None]]  # y_{t+1} .. y_{t+k+1}
         feats = heads.features(k, ctx[bk, rk], emb[path])
-        yield k, heads.logits(k, feats, lm_weight), (bk, rk + k + 1)
+        if heads.config.shared_lm_head:
+            logits = torch.nn.functional.linear(feats.to(lm_weight.dtype), lm_weight)
+        else:
+            logits = heads.logits(k, feats)
+        yield k, logits, (bk, rk + k + 1)
 
 
 def hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, loss: str, decay: float):
@@ -134,7 +140,7 @@ def hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, loss: str, decay: f
             per = -logp.gather(1, tok[bt, rt][:, None]).squeeze(1)
         else:  # cross-entropy against the base's next-token distribution at the target position
             with torch.no_grad():
-                t_p = F.softmax(F.linear(hid[bt, rt], lm_weight), -1)
+                t_p = F.softmax(F.linear(hid[bt, rt].to(lm_weight.dtype), lm_weight).float(), -1)
             per = -(t_p * logp).sum(-1)
         total = total + decay ** k * per.mean()
         weight += decay ** k
@@ -191,6 +197,7 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
     steps_per_epoch = sum(1 for _ in batches())
     total = steps_per_epoch * cfg.epochs
     warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
+    lm_train = lm_weight.detach().to(lm_head_dtype(cfg))  # the base LM head: teacher, and shared heads' LM head
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
@@ -203,7 +210,7 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
         tot, seen = 0.0, 0
         for idx in bar:
             hid, tok, b, r, valid = _batch(data, idx, K)
-            loss = hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, cfg.loss, cfg.decay)
+            loss = hydra_loss(heads, emb, lm_train, hid, tok, b, r, valid, cfg.loss, cfg.decay)
             if loss is None:
                 continue
             optimizer_step(opt, sched, params, loss)
@@ -257,14 +264,14 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
     if full:
         inv_freq, scale = rope_tables(model)
         heads.prefix_embeding_layer.set_rope(inv_freq, scale)
-    lm = lm_weight if shared else None
-    initial = evaluate(heads, held, emb, lm) if held is not None else None
+    initial = evaluate(heads, held, emb, lm_weight) if held is not None else None
     t0 = time.time()
-    history = train_hydra(heads, train, emb, lm, cfg, progress, held, log)
+    history = train_hydra(heads, train, emb, lm_weight, cfg, progress, held, log)
     timings["train_s"] = round(time.time() - t0, 1)
-    final = evaluate(heads, held, emb, lm) if held is not None else []
+    final = evaluate(heads, held, emb, lm_weight) if held is not None else []
     report = {"model": model_name, "model_fingerprint": fingerprint, "arch": cfg.arch, "hydra_head_arch": arch,
               "num_heads": cfg.heads, "num_layers": cfg.layers, "shared_lm_head": shared, "loss": cfg.loss,
+              "lm_head_dtype": str(lm_head_dtype(cfg)).removeprefix("torch."),
               "train": {"prompts": len(train_idx), "positions": sum(h.shape[0] - s for h, s in
                                                                     zip(train.hidden, train.starts))},
               "heldout": {"prompts": len(held_idx)}, "heads": final, "untrained_heads": initial,

@@ -193,6 +193,17 @@ def test_losses_use_the_right_targets(tiny):
         got = _head_loss(heads, data.hidden.float(), tidx, data, w, loss, decay=0.5)
         want = (expected[0] + 0.5 * expected[1]) / 1.5
         assert torch.allclose(got, want, atol=1e-4), (loss, got, want)
+        # the bf16 LM-head matmul of fast training: the same loss to bf16 precision
+        low = _head_loss(heads, data.hidden.float(), tidx, data, w.bfloat16(), loss, decay=0.5)
+        assert low.dtype == torch.float32 and torch.allclose(low, want, rtol=2e-2, atol=2e-2), (loss, low, want)
+
+
+def test_lm_head_dtype_follows_the_config():
+    from spectrt.calibration.distill import lm_head_dtype, native_bf16
+
+    assert lm_head_dtype(DistillConfig(bf16=True)) == torch.bfloat16
+    assert lm_head_dtype(DistillConfig(bf16=False)) == torch.float32
+    assert lm_head_dtype(DistillConfig()) == (torch.bfloat16 if native_bf16() else torch.float32)
 
 
 def _pattern_samples(n, length=24, seed=0):
@@ -206,8 +217,8 @@ def _pattern_samples(n, length=24, seed=0):
     return out
 
 
-@pytest.mark.parametrize("loss", ["lm", "teacher"])
-def test_training_learns_a_pattern(tiny, loss):
+@pytest.mark.parametrize("loss,bf16", [("lm", False), ("teacher", False), ("lm", True)])
+def test_training_learns_a_pattern(tiny, loss, bf16):
     model, _ = tiny
     samples = _pattern_samples(48)
     train_idx, held_idx = split_samples(len(samples), 0.25, 0)
@@ -216,7 +227,7 @@ def test_training_learns_a_pattern(tiny, loss):
     lm_weight = model.get_output_embeddings().weight.detach()
     heads = MedusaHeads(MedusaConfig(2, 1, 64, VOCAB, "2"))
     before = evaluate(heads, held, lm_weight)
-    cfg = DistillConfig(heads=2, epochs=6, lr=3e-2, batch_size=64, loss=loss, seed=0)
+    cfg = DistillConfig(heads=2, epochs=6, lr=3e-2, batch_size=64, loss=loss, seed=0, bf16=bf16)
     history = train_heads(heads, train, lm_weight, cfg, progress=False, heldout=held, log=lambda *_: None)
     after = evaluate(heads, held, lm_weight)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -273,3 +284,21 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert "no such prompts file" in capsys.readouterr().err
     assert main(argv + ["--loss", "teacher", "--heads", "0"]) == 2
     assert "--heads must be at least 1" in capsys.readouterr().err
+
+
+def test_response_rows_of_the_shared_cache_equal_compute_hidden(tiny, tmp_path):
+    """Medusa/Hydra rows sliced from the whole-sequence cache (also Hydra++'s) are the rows compute_hidden
+    makes for the responses alone; a second call is a cache hit."""
+    from spectrt.calibration.distill import response_rows, sequence_hidden
+
+    model, _ = tiny
+    samples = _pattern_samples(5, length=7) + [([3], [9, 10, 11])]  # a one-token prompt too
+    direct = compute_hidden(model, samples, progress=False)
+    logs = []
+    full = sequence_hidden(model, samples, tmp_path, "fp", 4096, progress=False, log=logs.append)
+    assert full.lengths == [len(p) - 1 + len(r) for p, r in samples]
+    rows = response_rows(full, samples)
+    assert rows.lengths == direct.lengths and torch.equal(rows.tokens, direct.tokens)
+    torch.testing.assert_close(rows.hidden.float(), direct.hidden.float(), atol=2e-3, rtol=0)
+    again = sequence_hidden(model, samples, tmp_path, "fp", 4096, progress=False, log=logs.append)
+    assert any("cached" in m for m in logs) and torch.equal(again.hidden, full.hidden)

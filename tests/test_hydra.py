@@ -269,8 +269,8 @@ def test_memmap_rss(tmp_path):
     assert anon_kib() - before > 30 * 1024 and copy.shape == (rows, width)
 
 
-@pytest.mark.parametrize("arch", ["hydra", "hydra++"])
-def test_distill_hydra(tiny_models, tmp_path, arch):
+@pytest.mark.parametrize("arch,bf16", [("hydra", False), ("hydra++", False), ("hydra++", True)])
+def test_distill_hydra(tiny_models, tmp_path, arch, bf16):
     """Training on the base's own generations: the loss goes down, the report has per-head accuracy, the
     heads load back in the public format and export."""
     from spectrt.calibration.distill_hydra import HydraDistillConfig, distill_hydra_samples
@@ -281,9 +281,10 @@ def test_distill_hydra(tiny_models, tmp_path, arch):
     prompts = [f"prompt {i} " + "abcdefghij"[i % 10] * (i % 5 + 1) for i in range(8)]
     samples = generate_responses(model, tok, prompts, 24, tmp_path / "gen.jsonl", progress=False)
     cfg = HydraDistillConfig(arch=arch, heads=2, layers=2, epochs=3, lr=3e-3, batch_size=96, half=False,
-                             holdout=0.25, cache_dir=str(tmp_path / "cache"))
+                             holdout=0.25, cache_dir=str(tmp_path / "cache"), bf16=bf16)
     rep = distill_hydra_samples(model, samples, tmp_path / "heads", cfg, progress=False, log=lambda *a: None)
     assert rep["loss"] == ("teacher" if arch == "hydra++" else "lm")
+    assert rep["lm_head_dtype"] == ("bfloat16" if bf16 else "float32")
     losses = [h["train_loss"] for h in rep["history"]]
     assert losses[-1] < losses[0]
     assert [h["head"] for h in rep["heads"]] == [0, 1] and all(0 <= h["top1"] <= h["top5"] <= 1 for h in rep["heads"])

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                                                  "[$SPECTRT_CACHE/calibration]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; 1 is much faster than 2 on a busy machine [torch default]")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the frozen LM-head matmuls of training in bfloat16 (~20x faster on CPUs with AMX) "
+                   help="run the frozen LM-head matmuls of training in bfloat16 (~4x faster matmuls on CPUs with AMX) "
                         "[on when the CPU has native bf16]")
     p.add_argument("--fp32", action="store_true", help="save fp32 heads (default fp16)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

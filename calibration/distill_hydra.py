@@ -183,8 +183,9 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
     if sum(max(0, n - 1) for n in rows) == 0:
         raise SpectrtError("no training positions: responses are too short for the heads")
 
-    def batches():
-        order, cur, size = torch.randperm(len(data), generator=gen).tolist(), [], 0
+    def batches(order):
+        """Samples packed greedily into batches of at least ``cfg.batch_size`` trained rows."""
+        cur, size = [], 0
         for i in order:
             cur.append(i)
             size += rows[i]
@@ -194,8 +195,10 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
         if cur:
             yield cur
 
-    steps_per_epoch = sum(1 for _ in batches())
-    total = steps_per_epoch * cfg.epochs
+    # one sample order per epoch, drawn up front, so the step count (LR schedule, progress) is exact
+    orders = [torch.randperm(len(data), generator=gen).tolist() for _ in range(cfg.epochs)]
+    steps = [sum(1 for _ in batches(o)) for o in orders]
+    total = sum(steps)
     warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
     lm_train = lm_weight.detach().to(lm_head_dtype(cfg))  # the base LM head: teacher, and shared heads' LM head
     params = [p for p in heads.parameters() if p.requires_grad]
@@ -205,7 +208,7 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
     history = []
     for epoch in range(cfg.epochs):
         heads.train()
-        bar = tqdm(batches(), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+        bar = tqdm(batches(orders[epoch]), total=steps[epoch], desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=not progress)
         tot, seen = 0.0, 0
         for idx in bar:

@@ -38,8 +38,8 @@ def register(subparsers) -> None:
                                                  "[$SPECTRT_CACHE/calibration]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; 1 is much faster than 2 on a busy machine [torch default]")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the frozen LM-head matmuls of training in bfloat16 (~4x faster matmuls on CPUs with AMX) "
-                        "[on when the CPU has native bf16]")
+                   help="run the frozen LM-head matmuls of training in bfloat16 (~4x faster matmuls on CPUs "
+                        "with AMX) [on when the CPU has native bf16]")
     p.add_argument("--fp32", action="store_true", help="save fp32 heads (default fp16)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -59,8 +59,7 @@ def config_from_args(args):
     mapping = {"arch": "arch", "heads": "heads", "layers": "layers", "version": "version", "limit": "limit",
                "max_new_tokens": "max_new_tokens", "epochs": "epochs", "lr": "lr", "batch_size": "batch_size",
                "gen_batch_size": "gen_batch_size", "seed": "seed", "loss": "loss", "holdout": "holdout",
-               "cache": "cache_dir", "threads": "threads",
-               "bf16": "bf16"}
+               "cache": "cache_dir", "threads": "threads", "bf16": "bf16"}
     for arg, attr in mapping.items():
         value = getattr(args, arg, None)
         if value is not None:

@@ -7,24 +7,27 @@ a JSON file and a PNG (coverage and tau vs N).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
+from tokenizers import Tokenizer
 
+from spectrt.export.draft_graphs import build_draft_lm_head_graph
+from spectrt.export.onnx_graph import save_graph
+from spectrt.export.vocabtrim import load_vocab, tokenizer_hash
+from spectrt.runtime.artifact import MANIFEST, load_artifact, write_manifest
+from spectrt.runtime.bench import run_bench
 from spectrt.runtime.errors import SpectrtError
-from spectrt.runtime.manifest import MANIFEST, load_artifact, write_manifest
 
 
 def _lm_weight(artifact) -> np.ndarray:
     """The untrimmed draft LM head weight of an export, as the graph builder takes it: [V, H] or [K, V, H]."""
-    import onnx
-    from onnx import numpy_helper
-
-    draft = artifact.manifest.get("draft") or {}
-    if draft.get("vocab_trim"):
+    if artifact.draft.vocab_trim is not None:
         raise SpectrtError(f"{artifact.root}: the sweep needs an export without VocabTrim (re-export without --vocab)")
     model = onnx.load(str(artifact.graph_path("draft_lm_head")), load_external_data=True)
     init = {i.name: i for i in model.graph.initializer}
@@ -36,38 +39,30 @@ def _lm_weight(artifact) -> np.ndarray:
 
 def make_variant(src, dst: Path, lm_weight: np.ndarray, trim) -> Path:
     """``dst``: ``src`` with its draft LM head trimmed to ``trim.kept_ids``."""
-    from spectrt.export.draft_graphs import build_draft_lm_head_graph
-    from spectrt.export.exporter import file_record
-    from spectrt.export.onnx_graph import save_model
-
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    draft_files = set(src.manifest["graphs"]["draft_lm_head"]["sha256"])
+    draft_files = {f.path for f in src.graph("draft_lm_head").files}
     for f in src.root.iterdir():
         if f.is_file() and f.name not in draft_files and f.name != MANIFEST:
             os.link(f, dst / f.name)
-    d = src.manifest["draft"]
-    graph = build_draft_lm_head_graph(lm_weight, d["num_heads"], d["topk"], src.dtype, src.manifest["opset"],
-                                      src.manifest["spectrt_version"], kept_ids=trim.kept_ids)
-    manifest = json.loads(json.dumps(src.manifest))
-    manifest["graphs"]["draft_lm_head"] = file_record(dst, save_model(graph, dst / "draft_lm_head.onnx"))
-    manifest["draft"].update(vocab_trim=trim.manifest(), lm_head_rows=trim.size)
-    manifest.pop("validation", None)
-    write_manifest(dst, manifest)
+    m, d = src.manifest, src.draft
+    graph = build_draft_lm_head_graph(lm_weight, d.num_heads, d.topk, src.dtype, m.opset, m.spectrt_version,
+                                      kept_ids=trim.kept_ids)
+    draft = dataclasses.replace(d, vocab_trim=trim.info(), lm_head_rows=trim.size)
+    write_manifest(dst, dataclasses.replace(
+        m, graphs={**m.graphs, "draft_lm_head": save_graph(graph, dst, "draft_lm_head")}, draft=draft,
+        validation=(), engines={}))
     return dst
 
 
 def sweep(artifact_dir, vocab_file, sizes: list[int], records, max_new_tokens: int, out_dir, config=None,
           progress=print) -> list[dict]:
-    from spectrt.calibration.vocab import load_vocab
-    from spectrt.runtime.bench import run_bench
-
     src = load_artifact(artifact_dir)
-    if "draft" not in src.manifest:
+    if src.draft is None:
         raise SpectrtError(f"{src.root}: no draft heads to trim")
     lm = _lm_weight(src)
-    vocab, topk = src.model["vocab"], src.manifest["draft"]["topk"]
+    vocab, topk = src.model.vocab, src.draft.topk
     tok_hash = _artifact_tokenizer_hash(src)
     out_dir = Path(out_dir)
     rows = []
@@ -91,10 +86,7 @@ def sweep(artifact_dir, vocab_file, sizes: list[int], records, max_new_tokens: i
 
 
 def _artifact_tokenizer_hash(artifact) -> str:
-    from spectrt.calibration.vocab import tokenizer_hash
-    from tokenizers import Tokenizer
-
-    path = artifact.path(artifact.manifest.get("tokenizer", {}).get("file", "tokenizer.json"))
+    path = artifact.path(artifact.manifest.tokenizer.file)
     return tokenizer_hash(Tokenizer.from_file(str(path)).to_str())
 
 

@@ -119,7 +119,7 @@ def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray
     g = GraphBuilder("spectrt_base", opset, dtype)
     D, KVH, NH = dims.head_dim, dims.kv_heads, dims.num_heads
     cdims = {"hidden": dims.hidden, "vocab": dims.vocab, "kv_heads": KVH, "head_dim": D}
-    ins, outs = BASE.expand(dims.num_layers)
+    ins, outs = BASE.expand({"num_layers": dims.num_layers})
     names = {s.name: g.add_input(s, cdims) for s in ins}
     out_spec = {s.name: s for s in outs}
     ids, pos, tree = names["input_ids"], names["position_ids"], names["tree_mask"]

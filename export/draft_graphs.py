@@ -6,10 +6,35 @@ per-head LM heads (v1), ``{h}.{L}.weight``. The draft LM head may be restricted 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
+from spectrt.export.families import DecoderDims
 from spectrt.export.onnx_graph import GraphBuilder
+from spectrt.export.vocabtrim import VocabTrim
+from spectrt.runtime.artifact import VocabTrimInfo
 from spectrt.runtime.contract import DRAFT_LM_HEAD, HEADS
+
+
+@dataclass(frozen=True)
+class DraftTarget:
+    """What draft graphs are built against (Medusa or Hydra): the base model, where they go, and how."""
+
+    model: Any  # the transformers base model (its LM head, embeddings, rotary tables)
+    dims: DecoderDims
+    root: Path  # the staged export directory, already holding base.onnx
+    dtype: str
+    opset: int
+    topk: int
+    tree_spec: str | None  # see export.trees.choose_tree
+    producer: str  # spectrt version
+    trim: VocabTrim | None = None
+
+    def trim_info(self) -> VocabTrimInfo | None:
+        return self.trim.info() if self.trim is not None else None
 
 
 def medusa_layout(state: dict) -> tuple[int, int]:
@@ -36,14 +61,20 @@ def build_heads_graph(state: dict, hidden: int, dtype: str, opset: int, producer
 
 
 def build_draft_lm_head_graph(lm_weight: np.ndarray, num_heads: int, topk: int, dtype: str, opset: int,
-                              producer: str, kept_ids: np.ndarray | None = None):
-    """Top-k over one shared LM head ``[V, H]`` (v2) or per-head heads ``[K, V, H]`` (v1).
+                              producer: str, kept_ids: np.ndarray | None = None, bias: np.ndarray | None = None):
+    """Top-k over one shared LM head ``[V, H]`` (optionally with a bias ``[V]``, Hydra's own heads) or
+    per-head heads ``[K, V, H]`` (Medusa heads with their own LM heads).
 
     With ``kept_ids`` [N], only those rows are kept and TopK's indices are gathered back to full ids.
     """
     per_head = lm_weight.ndim == 3
+    if bias is not None and (per_head or not np.any(bias)):
+        bias = None if not np.any(bias) else bias
+        if per_head and bias is not None:
+            raise ValueError("per-head LM heads with a bias are not supported")
     if kept_ids is not None:
         lm_weight = lm_weight[..., kept_ids, :]
+        bias = bias[kept_ids] if bias is not None else None
     rows, hidden = lm_weight.shape[-2], lm_weight.shape[-1]
     g = GraphBuilder("spectrt_draft_lm_head", opset, dtype)
     dims = {"hidden": hidden, "topk": topk, "heads": num_heads}
@@ -56,7 +87,8 @@ def build_draft_lm_head_graph(lm_weight: np.ndarray, num_heads: int, topk: int, 
         flat = g.op("Reshape", feats, g.const([-1, hidden]))  # [B*K, H]
         shape = g.op("Concat", g.op("Slice", g.op("Shape", feats), g.const([0]), g.const([2])),
                      g.const([rows]), axis=0)
-        logits = g.op("Reshape", g.op("Gemm", flat, w, transB=1), shape)  # [B, K, N]
+        gemm = (flat, w) if bias is None else (flat, w, g.weight("lm_head.bias", bias))
+        logits = g.op("Reshape", g.op("Gemm", *gemm, transB=1), shape)  # [B, K, N]
     scores, idx = g.op("TopK", logits, g.const([topk]), axis=-1, largest=1, sorted=1, outputs=2)
     if kept_ids is not None:
         idx = g.op("Gather", g.const(np.asarray(kept_ids, np.int64)), idx, axis=0)  # trimmed -> full ids

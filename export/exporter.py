@@ -5,23 +5,32 @@ or interrupted export leaves no half-written DIR.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from spectrt.export.base import build_base_graph
-from spectrt.export.files import staged
+from spectrt.export.draft_export import export_medusa, validate_medusa
+from spectrt.export.draft_graphs import DraftTarget
 from spectrt.export.families import HFWeights, decoder_dims, rope_tables
-from spectrt.export.onnx_graph import save_model
-from spectrt.export.sources import resolve_model, load_hf
-from spectrt.runtime.contract import CONTRACT_VERSION, DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK
+from spectrt.export.files import staged
+from spectrt.export.hydra import is_hydra_checkpoint
+from spectrt.export.hydra_graphs import export_hydra, validate_hydra
+from spectrt.export.onnx_graph import save_graph
+from spectrt.export.shipped import builtin_vocab, shipped_heads
+from spectrt.export.sources import load_hf, resolve_model
+from spectrt.export.validate import VALIDATION_TEXT, validate_base
+from spectrt.export.vocabtrim import VocabTrim, hf_tokenizer_hash, load_vocab
+from spectrt.runtime.artifact import MANIFEST, Manifest, ModelInfo, TokenizerInfo, load_artifact, write_manifest
+from spectrt.runtime.contract import (CONTRACT_VERSION, DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK,
+                                      DTYPE_ALIASES)
 from spectrt.runtime.errors import SpectrtError
-from spectrt.runtime.manifest import MANIFEST, load_artifact, sha256_file, write_manifest
 from spectrt.version import __version__
 
-SUPPORTED_DTYPES = ("float32", "float16")
-DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
-MAX_OPSET = 20  # highest opset TensorRT 10.x parses
+MIN_OPSET, MAX_OPSET = 13, 20  # TensorRT 10.x parses opsets up to 20
+VocabCalibrator = Callable[[object, object, int], VocabTrim]  # (model, tokenizer, N) -> the top-N VocabTrim
 
 
 @dataclass
@@ -37,6 +46,9 @@ class ExportOptions:
     vocab: str | None = None  # VocabTrim file from `spectrt calibrate vocab`
     vocab_size: int | None = None  # keep the top N (of --vocab, or of a calibration on the bundled prompts)
     full_vocab: bool = False  # built-in models get their bundled VocabTrim unless this is set
+    # --vocab-size without --vocab on a model with no bundled ranking: rank tokens by calibration
+    # (`spectrt.calibration.vocab.default_vocab`; the CLI passes it). None: that combination is an error.
+    calibrate_vocab: VocabCalibrator | None = None
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -54,41 +66,37 @@ def prepare_output_dir(out: Path) -> None:
         raise SpectrtError(f"{out}: output directory is not writable")
 
 
-def file_record(root: Path, files: list[str]) -> dict:
-    return {"file": files[0], "sha256": {f: sha256_file(root / f) for f in files},
-            "bytes": {f: (root / f).stat().st_size for f in files}}
-
-
-def write_tokenizer(tok, model, root: Path) -> dict:
+def write_tokenizer(tok, model, root: Path) -> TokenizerInfo:
     tok.backend_tokenizer.save(str(root / "tokenizer.json"))
-    info = {"file": "tokenizer.json"}
+    template = None
     if tok.chat_template:
-        template = tok.chat_template if isinstance(tok.chat_template, str) else tok.chat_template.get("default")
-        (root / "chat_template.jinja").write_text(template)
-        info["chat_template"] = "chat_template.jinja"
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        value = getattr(tok, key, None)
-        if value:
-            info[key] = str(value)
+        text = tok.chat_template if isinstance(tok.chat_template, str) else tok.chat_template.get("default")
+        (root / "chat_template.jinja").write_text(text)
+        template = "chat_template.jinja"
+    specials = {k: str(v) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                if (v := getattr(tok, k, None))}
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     if tok.eos_token_id is not None:
         eos.add(tok.eos_token_id)
-    info["eos_token_ids"] = sorted(int(e) for e in eos)
-    return info
+    return TokenizerInfo(file="tokenizer.json", eos_token_ids=tuple(sorted(int(e) for e in eos)),
+                         chat_template=template, **specials)
 
 
 def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOptions | None = None,
                  progress=print) -> Path:
-    """Export ``model_spec`` to ``out_dir``; returns the directory. Raises SpectrtError on bad input."""
+    """Export ``model_spec`` to ``out_dir``; returns the directory. Raises SpectrtError on bad input,
+    before any output is written where the input can be checked up front."""
     o = options or ExportOptions()
     dtype = DTYPE_ALIASES.get(o.dtype)
     if dtype is None:
         raise SpectrtError(f"unsupported dtype '{o.dtype}' (supported: fp32, fp16)")
-    if not 13 <= o.opset <= MAX_OPSET:
-        raise SpectrtError(f"opset {o.opset} outside 13..{MAX_OPSET} (TensorRT 10.x parses up to {MAX_OPSET})")
+    if not MIN_OPSET <= o.opset <= MAX_OPSET:
+        raise SpectrtError(f"opset {o.opset} outside {MIN_OPSET}..{MAX_OPSET} (TensorRT 10.x parses up to {MAX_OPSET})")
     if o.max_context < 2:
-        raise SpectrtError(f"max context {o.max_context} is too small")
+        raise SpectrtError(f"max context {o.max_context} is too small (at least 2 tokens)")
+    if o.topk < 1:
+        raise SpectrtError(f"top-k must be at least 1, not {o.topk}")
     out = Path(out_dir)
     prepare_output_dir(out)
     source = resolve_model(model_spec)
@@ -97,10 +105,10 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
         raise SpectrtError("--vocab/--vocab-size trim the draft LM head: they need draft heads (--heads)")
     if o.full_vocab and (o.vocab or o.vocab_size):
         raise SpectrtError("--full-vocab contradicts --vocab/--vocab-size")
+    if o.vocab is not None and not Path(o.vocab).is_file():
+        raise SpectrtError(f"{o.vocab}: no such vocab file")
     vocab, vocab_size = o.vocab, o.vocab_size
     if heads is not None and not (o.full_vocab or vocab or vocab_size):
-        from spectrt.export.draft_export import builtin_vocab
-
         vocab, vocab_size = builtin_vocab(source.builtin) or (None, None)
 
     steps = _Steps(progress, total=(5 if o.validate else 4) + (heads is not None))
@@ -110,59 +118,66 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     if dims.sliding_window is not None and o.max_context > dims.sliding_window:
         raise SpectrtError(f"max context {o.max_context} exceeds the model's sliding window {dims.sliding_window}; "
                            f"export with --max-context {dims.sliding_window} or less")
+    if heads is not None and o.topk > dims.vocab:
+        raise SpectrtError(f"top-k {o.topk} exceeds the vocabulary of {dims.vocab}")
     tied = dims.tied_embeddings or (
         model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
-    dims = dims.__class__(**{**dims.__dict__, "tied_embeddings": tied})
+    dims = dataclasses.replace(dims, tied_embeddings=tied)
+    trim = _vocab_trim(o, model, tok, vocab, vocab_size) if heads is not None else None  # checked before building
     inv_freq, rope_scale = rope_tables(model)
 
     with staged(out) as tmp:
         steps("building base.onnx")
-        graph = build_base_graph(dims, HFWeights(model), inv_freq, rope_scale, dtype, o.opset, __version__)
-        files = save_model(graph, tmp / "base.onnx")
+        graph = build_base_graph(dims, HFWeights.from_model(model), inv_freq, rope_scale, dtype, o.opset, __version__)
+        graphs = {"base": save_graph(graph, tmp, "base")}
         del graph
         steps("writing tokenizer and manifest")
-        manifest = {
-            "spectrt_version": __version__,
-            "contract_version": CONTRACT_VERSION,
-            "model": {**dims.manifest(), "source": source.name, "builtin": source.builtin},
-            "dtype": dtype,
-            "opset": o.opset,
-            "max_context": o.max_context,
-            "graphs": {"base": file_record(tmp, files)},
-            "tokenizer": write_tokenizer(tok, model, tmp),
-        }
+        manifest = Manifest(
+            spectrt_version=__version__, contract_version=CONTRACT_VERSION,
+            model=ModelInfo(**dataclasses.asdict(dims), source=source.name, builtin=source.builtin),
+            dtype=dtype, opset=o.opset, max_context=o.max_context, graphs=graphs,
+            tokenizer=write_tokenizer(tok, model, tmp))
         if heads is not None:
             steps(f"building the draft graphs from {heads}")
-            from spectrt.export.draft_export import export_draft, vocab_trim
-
-            trim = vocab_trim(model, tok, vocab, vocab_size, o.topk)
-            records, manifest["draft"] = export_draft(heads, model, dims, tmp, dtype, o.opset, o.topk, o.tree,
-                                                       __version__, file_record, trim)
-            manifest["graphs"].update(records)
+            target = DraftTarget(model, dims, tmp, dtype, o.opset, o.topk, o.tree, __version__, trim)
+            export = export_hydra if is_hydra_checkpoint(heads) else export_medusa
+            records, draft = export(heads, target)
+            manifest = dataclasses.replace(manifest, graphs={**graphs, **records}, draft=draft)
         write_manifest(tmp, manifest)
         if o.validate:
             steps("validating against transformers (onnxruntime vs torch)")
-            from spectrt.export.validate import VALIDATION_TEXT, validate_base
-
             ids = tok(VALIDATION_TEXT, add_special_tokens=False)["input_ids"][:32]
-            checks = validate_base(load_artifact(tmp), model, ids)
+            art = load_artifact(tmp)
+            checks = validate_base(art, model, ids)
             if heads is not None:
-                from spectrt.export.draft_export import validate_draft
-
-                checks += validate_draft(load_artifact(tmp), model, heads, ids, trim)
-            manifest["validation"] = [c.row() for c in checks]
+                validate = validate_hydra if manifest.draft.kind == "hydra" else validate_medusa
+                checks += validate(art, model, heads, ids, trim)
             for c in checks:
                 progress(f"  ok  {c.name}: max |delta| {c.max_abs:.2e} (atol {c.atol:.0e})")
-            write_manifest(tmp, manifest)
+            write_manifest(tmp, dataclasses.replace(manifest, validation=tuple(c.row() for c in checks)))
         steps(f"moving into place: {out}")
     return out
+
+
+def _vocab_trim(o: ExportOptions, model, tok, vocab: str | None, vocab_size: int | None) -> VocabTrim | None:
+    """The VocabTrim to apply (or None): a vocab file (optionally re-cut to N) or a calibration."""
+    if vocab is not None:
+        trim = load_vocab(vocab, model.config.vocab_size, hf_tokenizer_hash(tok), o.topk, size=vocab_size)
+    elif vocab_size is not None:
+        if o.calibrate_vocab is None:
+            raise SpectrtError("--vocab-size without --vocab needs a token ranking: make one with `spectrt calibrate "
+                               "vocab -m MODEL -o VOCAB.json` and pass --vocab VOCAB.json")
+        trim = o.calibrate_vocab(model, tok, vocab_size)
+    else:
+        return None
+    if trim.size < o.topk:
+        raise SpectrtError(f"VocabTrim keeps {trim.size} tokens, fewer than the draft top-k {o.topk}")
+    return trim
 
 
 def _heads_path(o: ExportOptions, source) -> str | None:
     """--heads: a directory/checkpoint, 'builtin' or 'builtin:KIND' (shipped heads); built-in models get
     their default shipped heads unless --no-heads."""
-    from spectrt.export.draft_export import shipped_heads
-
     if o.no_heads:
         return None
     if o.heads is None or o.heads.startswith("builtin"):

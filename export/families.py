@@ -31,9 +31,6 @@ class DecoderDims:
     tied_embeddings: bool
     sliding_window: int | None
 
-    def manifest(self) -> dict:
-        return dict(self.__dict__)
-
 
 def decoder_dims(config) -> DecoderDims:
     """Dims from a transformers config; unsupported architectures fail with the list of supported ones."""
@@ -69,8 +66,12 @@ def rope_tables(model) -> tuple[np.ndarray, float]:
 class HFWeights:
     """Access to a transformers decoder's weights as numpy, in the layouts the graph wants."""
 
-    def __init__(self, model):
-        self.state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    def __init__(self, state: dict[str, np.ndarray]):
+        self.state = state  # Hugging Face key -> fp32 array
+
+    @classmethod
+    def from_model(cls, model) -> "HFWeights":
+        return cls({k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()})
 
     def get(self, key: str, transpose: bool = False) -> np.ndarray | None:
         w = self.state.get(key)

@@ -13,11 +13,21 @@ from pathlib import Path
 
 import numpy as np
 
+import onnx
+from onnx import TensorProto
+
 from spectrt.export.base import _linear, _rms_norm, _Shapes, attention_tables, decoder_layer
-from spectrt.export.draft_graphs import build_draft_lm_head_graph
-from spectrt.export.onnx_graph import GraphBuilder, save_model
+from spectrt.export.draft_graphs import DraftTarget, build_draft_lm_head_graph
+from spectrt.export.families import decoder_dims, rope_tables
+from spectrt.export.hydra import check_compatible, load_hydra
+from spectrt.export.onnx_graph import GraphBuilder, save_graph
+from spectrt.export.trees import choose_tree
+from spectrt.export.validate import Check, dtype_atol
+from spectrt.runtime.artifact import DraftInfo, EmbeddingRef, GraphRecord
 from spectrt.runtime.contract import DRAFT_LM_HEAD, HYDRA_HEAD, HYDRA_PREFIX
 from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.hydra import EmbeddingTable
+from spectrt.runtime.ort_runner import OrtGraphRunner, OrtPrefixRunner
 
 EMBED_INITIALIZER = "embed_tokens"
 ONNX_FLOAT = {1: "float32", 10: "float16"}
@@ -61,29 +71,6 @@ def build_hydra_head_graph(heads, i: int, dtype: str, opset: int, producer: str)
     return g.model(producer)
 
 
-def build_lm_head_graph(weight: np.ndarray, bias: np.ndarray | None, topk: int, dtype: str, opset: int,
-                        producer: str, kept_ids: np.ndarray | None = None):
-    """Top-k of one LM head (heads = 1). Bias-free heads reuse Medusa's draft LM head builder."""
-    if bias is None or not np.any(bias):
-        return build_draft_lm_head_graph(weight, 1, topk, dtype, opset, producer, kept_ids=kept_ids)
-    if kept_ids is not None:
-        weight, bias = weight[kept_ids], bias[kept_ids]
-    rows, hidden = weight.shape
-    g = GraphBuilder("spectrt_hydra_lm_head", opset, dtype)
-    dims = {"hidden": hidden, "topk": topk, "heads": 1}
-    feats = g.add_input(DRAFT_LM_HEAD.inputs[0], dims)  # [B, 1, H]
-    flat = g.op("Reshape", feats, g.const([-1, hidden]))
-    logits = g.op("Gemm", flat, g.weight("lm_head", weight), g.weight("lm_head.bias", bias), transB=1)
-    shape = g.op("Concat", g.op("Slice", g.op("Shape", feats), g.const([0]), g.const([2])), g.const([rows]), axis=0)
-    scores, idx = g.op("TopK", g.op("Reshape", logits, shape), g.const([topk]), axis=-1, largest=1, sorted=1,
-                       outputs=2)
-    if kept_ids is not None:
-        idx = g.op("Gather", g.const(np.asarray(kept_ids, np.int64)), idx, axis=0)
-    g.add_output(DRAFT_LM_HEAD.outputs[0], dims, idx)
-    g.add_output(DRAFT_LM_HEAD.outputs[1], dims, scores)
-    return g.model(producer)
-
-
 def build_hydra_prefix_graph(prefix, kv_heads: int, head_dim: int, hidden: int, inv_freq: np.ndarray,
                              rope_scaling: float, dtype: str, opset: int, producer: str):
     """The Hydra++ prefix layer over base hidden states, KV cache under the base's token-major layout."""
@@ -92,8 +79,9 @@ def build_hydra_prefix_graph(prefix, kv_heads: int, head_dim: int, hidden: int, 
     D, KVH, NH = head_dim, kv_heads, a.nh
     g = GraphBuilder("spectrt_hydra_prefix", opset, dtype)
     cdims = {"hidden": hidden, "kv_heads": KVH, "head_dim": D}
-    names = {s.name: g.add_input(s, cdims) for s in HYDRA_PREFIX.inputs}
-    out_spec = {s.name: s for s in HYDRA_PREFIX.outputs}
+    ins, outs = HYDRA_PREFIX.expand(cdims)
+    names = {s.name: g.add_input(s, cdims) for s in ins}
+    out_spec = {s.name: s for s in outs}
     x, pos, tree = names["hidden_states"], names["position_ids"], names["tree_mask"]
     shp = _Shapes(g, x, "past_key.0")  # batch and q are dims 0 and 1 of hidden_states too
     tables = attention_tables(g, tree, pos, shp, inv_freq, rope_scaling, NH // KVH)
@@ -102,16 +90,13 @@ def build_hydra_prefix_graph(prefix, kv_heads: int, head_dim: int, hidden: int, 
                       cdims, tables, "prefix")
     out = _rms_norm(g, x, g.weight("final_norm", _np(prefix.norm.weight)), prefix.norm.eps)
     g.add_output(out_spec["context"], cdims, out)
-    order = {s.name: n for n, s in enumerate(HYDRA_PREFIX.outputs)}
+    order = {s.name: n for n, s in enumerate(outs)}
     g.outputs.sort(key=lambda vi: order[vi.name])
     return g.model(producer)
 
 
-def embedding_info(base_onnx: Path) -> dict:
+def embedding_info(base_onnx: Path) -> EmbeddingRef:
     """Where the base graph's ``embed_tokens`` lives in its external data: file, byte offset, shape, dtype."""
-    import onnx
-    from onnx import TensorProto
-
     m = onnx.load(str(base_onnx), load_external_data=False)
     init = next((t for t in m.graph.initializer if t.name == EMBED_INITIALIZER), None)
     if init is None:
@@ -122,14 +107,11 @@ def embedding_info(base_onnx: Path) -> dict:
     shape = [int(d) for d in init.dims]
     dtype = ONNX_FLOAT[init.data_type]
     length = int(ext.get("length", np.prod(shape) * np.dtype(dtype).itemsize))
-    return {"initializer": EMBED_INITIALIZER, "file": ext["location"], "offset": int(ext.get("offset", 0)),
-            "length": length, "shape": shape, "dtype": dtype, "byte_order": "little"}
+    return EmbeddingRef(EMBED_INITIALIZER, ext["location"], int(ext.get("offset", 0)), length,
+                        (shape[0], shape[1]), dtype, "little")
 
 
 def _load(heads_path, model, dims):
-    from spectrt.export.families import rope_tables
-    from spectrt.export.hydra import check_compatible, load_hydra
-
     heads = load_hydra(heads_path, base_config=model.config)
     check_compatible(heads, dims.hidden, dims.vocab, dims.kv_heads, dims.head_dim)
     if heads.config.arch == "prefix-mlp":
@@ -138,43 +120,35 @@ def _load(heads_path, model, dims):
     return heads
 
 
-def export_hydra(heads_path: str, model, dims, root: Path, dtype: str, opset: int, topk: int, tree_spec,
-                 producer: str, file_record, trim=None) -> tuple[dict, dict]:
-    """Write the Hydra graphs into ``root`` (which already holds base.onnx); returns (records, draft section)."""
-    from spectrt.export.draft_export import choose_tree
-    from spectrt.export.families import rope_tables
-
-    heads = _load(heads_path, model, dims)
+def export_hydra(heads_path: str, t: DraftTarget) -> tuple[dict[str, GraphRecord], DraftInfo]:
+    """Write the Hydra graphs into ``t.root`` (which already holds base.onnx); returns (records, draft info)."""
+    heads = _load(heads_path, t.model, t.dims)
     c = heads.config
-    if not 1 <= topk <= dims.vocab:
-        raise SpectrtError(f"top-k {topk} outside 1..{dims.vocab}")
-    tree = choose_tree(tree_spec, Path(heads_path), c.num_heads, topk)
-    kept = trim.kept_ids if trim is not None else None
+    tree = choose_tree(t.tree_spec, Path(heads_path), c.num_heads, t.topk)
+    kept = t.trim.kept_ids if t.trim is not None else None
     records = {}
     for i in range(c.num_heads):
-        name = f"hydra_head.{i}"
-        records[name] = file_record(root, save_model(build_hydra_head_graph(heads, i, dtype, opset, producer),
-                                                     root / f"{name}.onnx"))
+        records[f"hydra_head.{i}"] = save_graph(build_hydra_head_graph(heads, i, t.dtype, t.opset, t.producer),
+                                                t.root, f"hydra_head.{i}")
     if c.shared_lm_head:
-        lm = _np(model.get_output_embeddings().weight)
-        records["draft_lm_head"] = file_record(root, save_model(
-            build_lm_head_graph(lm, None, topk, dtype, opset, producer, kept), root / "draft_lm_head.onnx"))
+        lm = _np(t.model.get_output_embeddings().weight)
+        records["draft_lm_head"] = save_graph(
+            build_draft_lm_head_graph(lm, 1, t.topk, t.dtype, t.opset, t.producer, kept), t.root, "draft_lm_head")
     else:
         for i in range(c.num_heads):
             w, b = heads.lm_head(i)
-            name = f"hydra_lm_head.{i}"
-            records[name] = file_record(root, save_model(
-                build_lm_head_graph(_np(w), _np(b), topk, dtype, opset, producer, kept), root / f"{name}.onnx"))
+            graph = build_draft_lm_head_graph(_np(w), 1, t.topk, t.dtype, t.opset, t.producer, kept,
+                                              bias=None if b is None else _np(b))
+            records[f"hydra_lm_head.{i}"] = save_graph(graph, t.root, f"hydra_lm_head.{i}")
     if c.arch == "prefix-mlp":
-        inv_freq, scale = rope_tables(model)
-        graph = build_hydra_prefix_graph(heads.prefix_embeding_layer, dims.kv_heads, dims.head_dim, dims.hidden,
-                                         inv_freq, scale, dtype, opset, producer)
-        records["hydra_prefix"] = file_record(root, save_model(graph, root / "hydra_prefix.onnx"))
-    draft = {"kind": "hydra", "arch": c.arch, "num_heads": c.num_heads, "num_layers": c.num_layers, "topk": topk,
-             "shared_lm_head": c.shared_lm_head, "source": str(heads_path), "dims": {"heads": 1, "topk": topk},
-             "tree": tree.to_json(), "embedding": embedding_info(root / "base.onnx"),
-             "lm_head_rows": int(dims.vocab if kept is None else len(kept)),
-             "vocab_trim": trim.manifest() if trim is not None else None}
+        inv_freq, scale = rope_tables(t.model)
+        graph = build_hydra_prefix_graph(heads.prefix_embeding_layer, t.dims.kv_heads, t.dims.head_dim,
+                                         t.dims.hidden, inv_freq, scale, t.dtype, t.opset, t.producer)
+        records["hydra_prefix"] = save_graph(graph, t.root, "hydra_prefix")
+    draft = DraftInfo(kind="hydra", arch=c.arch, num_heads=c.num_heads, num_layers=c.num_layers, topk=t.topk,
+                      shared_lm_head=c.shared_lm_head, source=str(heads_path), tree=tree.paths,
+                      embedding=embedding_info(t.root / "base.onnx"),
+                      lm_head_rows=int(t.dims.vocab if kept is None else len(kept)), vocab_trim=t.trim_info())
     return records, draft
 
 
@@ -183,17 +157,12 @@ def validate_hydra(artifact, model, heads_path: str, prompt_ids: list[int], trim
     head's features on random paths, every LM head's top-k; and the embedding memmap vs the base's table."""
     import torch
 
-    from spectrt.export.families import decoder_dims
-    from spectrt.export.validate import Check, dtype_atol
-    from spectrt.runtime.hydra import EmbeddingTable, OrtPrefixRunner
-    from spectrt.runtime.ort_runner import OrtGraphRunner
-
     heads = _load(heads_path, model, decoder_dims(model.config))
     c, dtype, n = heads.config, artifact.dtype, len(prompt_ids)
-    topk = artifact.manifest["draft"]["topk"]
+    topk = artifact.draft.topk
     rng = np.random.default_rng(seed)
     checks = []
-    emb = EmbeddingTable(artifact)
+    emb = EmbeddingTable.of(artifact)
     ref_table = model.get_input_embeddings().weight.detach().float().numpy()
     ids = rng.integers(0, ref_table.shape[0], 64)
     checks.append(Check("embedding memmap rows", float(np.abs(emb(ids).astype(np.float32)
@@ -203,7 +172,7 @@ def validate_hydra(artifact, model, heads_path: str, prompt_ids: list[int], trim
         ctx = heads.context(hidden)[0]  # [n, H]
     if c.arch == "prefix-mlp":
         h = n // 2
-        with OrtPrefixRunner(artifact, max_q=n) as pre:
+        with OrtPrefixRunner(artifact, max_q=n) as pre:  # validation runs on ONNX Runtime CPU
             hs = hidden[0].numpy().astype(dtype)
             a = pre.forward(hs[:h], np.arange(h), np.tri(h, dtype=np.bool_)).copy()
             pre.commit(range(h))

@@ -8,7 +8,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from spectrt.runtime.contract import TensorSpec
+from spectrt.runtime.artifact import GraphRecord, file_record
+from spectrt.runtime.contract import TensorSpec, graph_spec, layer_spec
+from spectrt.runtime.errors import SpectrtError
 
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
                "bool": TensorProto.BOOL, "int32": TensorProto.INT32}
@@ -87,3 +89,30 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[str]:
     if (path.parent / data).exists():
         files.append(data)
     return files
+
+
+def declared_dims(model: onnx.ModelProto, graph: str) -> dict[str, int]:
+    """Every fixed dim of ``graph``'s contract spec, read from the model's declared input/output shapes."""
+    spec = graph_spec(graph)
+    specs = {s.name: s for s in spec.inputs + spec.outputs}
+    specs.update({layer_spec(s, 0).name: s for s in spec.per_layer_inputs + spec.per_layer_outputs})
+    dims: dict[str, int] = {}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        s = specs.get(vi.name)
+        for d, dim in zip(s.shape if s else (), vi.type.tensor_type.shape.dim):
+            if isinstance(d, str) and d not in spec.dynamic and dim.HasField("dim_value"):
+                if dims.setdefault(d, dim.dim_value) != dim.dim_value:
+                    raise SpectrtError(f"{graph}: dim '{d}' is {dims[d]} and {dim.dim_value} in one graph")
+    if isinstance(spec.kv_layers, str):
+        dims[spec.kv_layers] = sum(1 for vi in model.graph.input if vi.name.startswith("past_key."))
+    missing = sorted(spec.fixed_dims() - set(dims))
+    if missing:
+        raise SpectrtError(f"{graph}: the built graph does not declare {', '.join(missing)}")
+    return dims
+
+
+def save_graph(model: onnx.ModelProto, root: Path, name: str) -> GraphRecord:
+    """Save ``root/<name>.onnx`` (+ external data) and return its manifest record: files and fixed dims."""
+    dims = declared_dims(model, name)
+    files = save_model(model, Path(root) / f"{name}.onnx")
+    return GraphRecord(files=tuple(file_record(root, f) for f in files), dims=dims)

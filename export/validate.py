@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spectrt.runtime.artifact import ValidationRow
 from spectrt.runtime.contract import BASE
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.ort_runner import OrtBaseRunner
@@ -27,9 +28,8 @@ class Check:
     def ok(self) -> bool:
         return self.max_abs <= self.atol and self.argmax_equal
 
-    def row(self) -> dict:
-        return {"check": self.name, "max_abs": float(self.max_abs), "atol": self.atol,
-                "argmax_equal": self.argmax_equal, "ok": self.ok}
+    def row(self) -> ValidationRow:
+        return ValidationRow(self.name, float(self.max_abs), float(self.atol), bool(self.argmax_equal), self.ok)
 
 
 def dtype_atol(spec, dtype: str) -> float:
@@ -86,7 +86,7 @@ def validate_base(artifact, model, prompt_ids: list[int], seed: int = 0, tree_no
         run.reset()
         run.forward(np.array(prompt_ids), np.arange(n), np.tri(n, dtype=np.bool_))
         run.commit(range(n))
-        tokens = rng.integers(0, artifact.model["vocab"], tree.size)
+        tokens = rng.integers(0, artifact.model.vocab, tree.size)
         out = run.forward(tokens, n + tree.depth, tree.mask)
         worst, same = 0.0, True
         for node in range(tree.size):

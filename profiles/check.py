@@ -17,8 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spectrt.profiles import PROFILE_DIR, list_profiles, load_profile, parse_version
-from spectrt.runtime.contract import GraphSpec, graph_spec, has_spec, model_dims
+from spectrt.profiles.device import PROFILE_DIR, list_profiles, load_profile, parse_version
+from spectrt.runtime.artifact import load_artifact
+from spectrt.runtime.contract import FLOAT_DTYPES, GraphSpec, graph_spec
 from spectrt.runtime.errors import SpectrtError
 
 OPS_FILE = PROFILE_DIR / "trt_ops.json"
@@ -356,8 +357,7 @@ def _check_restrictions(node, where, rep, table, trt_version, fold: Folded | Non
 def _check_contract(model, spec: GraphSpec, dims: dict, dtype: str | None, rep: GraphReport) -> None:
     import onnx
 
-    num_layers = dims.get("num_layers", 0)
-    ins, outs = spec.expand(num_layers)
+    ins, outs = spec.expand(dims)
     actual = {"input": {vi.name: vi for vi in model.graph.input},
               "output": {vi.name: vi for vi in model.graph.output}}
     inits = {t.name for t in model.graph.initializer}
@@ -375,7 +375,7 @@ def _check_contract(model, spec: GraphSpec, dims: dict, dtype: str | None, rep: 
             tt = vi.type.tensor_type
             have = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"
             if dtype is None and s.dtype == "model":
-                want = have if have in ("float32", "float16") else "float32|float16"
+                want = have if have in FLOAT_DTYPES else "|".join(FLOAT_DTYPES)
             if have != want:
                 rep.add(ERROR, f"{kind} '{s.name}'", f"dtype {have}, the contract says {want}")
             got = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
@@ -471,22 +471,17 @@ def check_onnx(path, **kwargs) -> GraphReport:
 
 
 def check_artifact(root, profile: str | None = None, trt_version: str | None = None) -> CheckReport:
-    """Check every graph of an exported artifact; the target TensorRT comes from the profile if given."""
-    from spectrt.runtime.manifest import load_artifact
-
-    art = load_artifact(root)
+    """Check every graph of an exported artifact (and every file's sha256 against the manifest); the target
+    TensorRT comes from the profile if given."""
+    art = load_artifact(root, verify_hashes=True)
     if trt_version is None:
         trt_version = load_profile(profile).tensorrt if profile else default_trt_target()
     if not parse_version(trt_version) or parse_version(trt_version) < (10,):
         raise SpectrtError(f"--trt-version {trt_version}: spectrt targets TensorRT 10.x or newer")
-    dims = model_dims(art.model)
     report = CheckReport(str(art.root), trt_version)
-    for name in art.manifest["graphs"]:
-        spec = graph_spec(name) if has_spec(name) else None
+    for name in art.manifest.graphs:
         report.graphs.append(check_onnx(art.graph_path(name), name=name, trt_version=trt_version,
-                                        spec=spec, dims=dims, dtype=art.dtype))
-    if not report.graphs:
-        raise SpectrtError(f"{art.root}: the manifest lists no graphs")
+                                        spec=graph_spec(name), dims=art.dims(name), dtype=art.dtype))
     return report
 
 

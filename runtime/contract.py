@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 CONTRACT_VERSION = "1.0"
 
-# Dtype names used in specs. "model" resolves to the artifact's dtype (float32 or float16).
+# Dtype names used in specs (numpy names). "model" resolves to the artifact's dtype, one of FLOAT_DTYPES.
 MODEL_DTYPE = "model"
-NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "bool": "bool"}
+FLOAT_DTYPES = ("float32", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,23 @@ class GraphSpec:
     inputs: tuple
     outputs: tuple
     dynamic: tuple  # names of the dynamic dims
-    per_layer_inputs: tuple = field(default=())  # expanded once per decoder layer
+    per_layer_inputs: tuple = field(default=())  # expanded once per KV layer
     per_layer_outputs: tuple = field(default=())
+    kv_layers: str | int = 0  # KV layers: a model dim name ("num_layers") or a count (0: stateless graph)
 
-    def expand(self, num_layers: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    def num_kv_layers(self, dims: dict) -> int:
+        return dims[self.kv_layers] if isinstance(self.kv_layers, str) else self.kv_layers
+
+    def fixed_dims(self) -> set[str]:
+        """Named dims that are not dynamic: each export records a value for them (hidden, vocab, depth, ...)."""
+        specs = self.inputs + self.outputs + self.per_layer_inputs + self.per_layer_outputs
+        names = {d for s in specs for d in s.shape if isinstance(d, str) and d not in self.dynamic}
+        return names | ({self.kv_layers} if isinstance(self.kv_layers, str) else set())
+
+    def expand(self, dims: dict) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """Inputs and outputs with the per-layer KV tensors spelled out (layer count from ``dims``)."""
         ins, outs = list(self.inputs), list(self.outputs)
-        for i in range(num_layers):
+        for i in range(self.num_kv_layers(dims)):
             ins += [layer_spec(s, i) for s in self.per_layer_inputs]
             outs += [layer_spec(s, i) for s in self.per_layer_outputs]
         return ins, outs
@@ -95,6 +107,7 @@ BASE = GraphSpec(
         TensorSpec("new_value.{layer}", KV_SHAPE_NEW, MODEL_DTYPE, "bound to cache[past:past+q]", atol=1e-3),
     ),
     dynamic=("batch", "q", "past"),
+    kv_layers="num_layers",
 )
 
 # Medusa heads: base hidden states -> the K heads' features (before the LM head).
@@ -139,15 +152,12 @@ HYDRA_PREFIX = GraphSpec(
         TensorSpec("hidden_states", ("batch", "q", "hidden"), MODEL_DTYPE, "base hidden states of committed tokens"),
         TensorSpec("position_ids", ("batch", "q"), "int64", "positions of those tokens"),
         TensorSpec("tree_mask", ("batch", "q", "q"), "bool", "causal among the new tokens"),
-        TensorSpec("past_key.0", KV_SHAPE_PAST, MODEL_DTYPE, "view of the prefix layer's cache[:past]"),
-        TensorSpec("past_value.0", KV_SHAPE_PAST, MODEL_DTYPE, "view of the prefix layer's cache[:past]"),
     ),
-    outputs=(
-        TensorSpec("context", ("batch", "q", "hidden"), MODEL_DTYPE, "prefix-layer output", atol=1e-3),
-        TensorSpec("new_key.0", KV_SHAPE_NEW, MODEL_DTYPE, "bound to cache[past:past+q]", atol=1e-3),
-        TensorSpec("new_value.0", KV_SHAPE_NEW, MODEL_DTYPE, "bound to cache[past:past+q]", atol=1e-3),
-    ),
+    outputs=(TensorSpec("context", ("batch", "q", "hidden"), MODEL_DTYPE, "prefix-layer output", atol=1e-3),),
+    per_layer_inputs=BASE.per_layer_inputs,
+    per_layer_outputs=BASE.per_layer_outputs,
     dynamic=("batch", "q", "past"),
+    kv_layers=1,
 )
 
 GRAPHS = {g.name: g for g in (BASE, HEADS, DRAFT_LM_HEAD, HYDRA_HEAD, HYDRA_PREFIX)}
@@ -172,12 +182,6 @@ DEFAULT_OPSET = 17  # TensorRT 10.x parses opsets up to 20; 17 keeps JetPack 6 (
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per base call; bounds the logits buffer to chunk x vocab
 DEFAULT_TOPK = 10
-
-
-def model_dims(manifest_model: dict) -> dict:
-    """Fixed dims of a model, from the manifest's ``model`` section."""
-    keys = ("hidden", "vocab", "kv_heads", "head_dim", "num_layers", "num_heads")
-    return {k: manifest_model[k] for k in keys if k in manifest_model}
 
 
 def describe() -> str:

@@ -1,29 +1,48 @@
 """Drafters fill a tree with candidate tokens. The decoder calls ``draft(root, hidden, tree)`` once per step.
 
 Medusa: one heads call and one draft-LM-head call on the last accepted hidden state; node n of the tree
-takes rank ``rank[n]`` of head ``depth[n] - 1``.
+takes rank ``rank[n]`` of head ``depth[n] - 1``. Hydra (sequential heads) lives in ``runtime.hydra``.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from spectrt.runtime.artifact import Artifact
 from spectrt.runtime.errors import ArtifactError
-from spectrt.runtime.generate import RootOnly
-from spectrt.runtime.manifest import Artifact
+from spectrt.runtime.hydra import HydraDrafter
+from spectrt.runtime.protocols import Runners
 from spectrt.runtime.tree import Tree
 
 
+class RootOnly:
+    """The drafter of autoregressive decoding: proposes nothing beyond the root."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def draft(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
+        return np.array([root], np.int64)
+
+    def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
 class MedusaDrafter(RootOnly):
-    """heads + draft_lm_head graphs, both bound once; use inside ``with``.
+    """heads + draft_lm_head graphs, both bound once; use inside ``with``."""
 
-    ``graphs(name, max_batch)`` makes a runner for a graph (ONNX Runtime or TensorRT).
-    """
-
-    def __init__(self, artifact: Artifact, tree: Tree, graphs):
-        draft = artifact.manifest["draft"]
-        tree.check_drafter(draft["num_heads"], draft["topk"])
-        self.heads = graphs("heads", 1)
-        self.lm_head = graphs("draft_lm_head", 1)
+    def __init__(self, artifact: Artifact, tree: Tree, runners: Runners):
+        draft = artifact.draft
+        if draft is None or draft.kind != "medusa":
+            raise ArtifactError(f"{artifact.root}: not a Medusa export")
+        tree.check_drafter(draft.num_heads, draft.topk)
+        self.heads = runners.graph("heads", 1)
+        self.lm_head = runners.graph("draft_lm_head", 1)
 
     def __enter__(self):
         self.heads.__enter__()
@@ -45,17 +64,11 @@ class MedusaDrafter(RootOnly):
         return tokens
 
 
-def _hydra(artifact: Artifact, tree: Tree, graphs):
-    from spectrt.runtime.hydra import HydraDrafter  # sequential heads, one batched call per tree depth
-
-    return HydraDrafter(artifact, tree, graphs)
+DRAFTERS = {"medusa": MedusaDrafter, "hydra": HydraDrafter}
 
 
-DRAFTERS = {"medusa": MedusaDrafter, "hydra": _hydra}
-
-
-def drafter_for(artifact: Artifact, tree: Tree, graphs):
-    kind = artifact.manifest["draft"].get("kind")
-    if kind not in DRAFTERS:
-        raise ArtifactError(f"{artifact.root}: unknown drafter '{kind}' (supported: {', '.join(DRAFTERS)})")
-    return DRAFTERS[kind](artifact, tree, graphs)
+def drafter_for(artifact: Artifact, tree: Tree, runners: Runners):
+    """The export's drafter (the manifest's ``draft.kind``) on the given runners."""
+    if artifact.draft is None:
+        raise ArtifactError(f"{artifact.root}: no draft heads in this export")
+    return DRAFTERS[artifact.draft.kind](artifact, tree, runners)

@@ -9,29 +9,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
+from spectrt.runtime.drafters import RootOnly
 from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.protocols import BaseRunner, Drafter
 from spectrt.runtime.tree import Tree
 
 AR_TREE = Tree.chain(0)
-
-
-class RootOnly:
-    """The drafter of autoregressive decoding: proposes nothing beyond the root.
-
-    Drafter protocol: ``draft(root, hidden, tree) -> tokens [q]`` (tokens[0] == root), and
-    ``observe(hidden [a, H], tokens [a])``, called with every token committed to the base's cache (prompt
-    chunks, then each step's accepted path), and ``reset()`` when a new prompt is prefilled, for
-    drafters that keep state of their own (Hydra++).
-    """
-
-    def draft(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
-        return np.array([root], np.int64)
-
-    def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
 
 
 @dataclass
@@ -55,9 +38,11 @@ class GenerationResult:
         return (len(self.tokens) - 1) / self.decode_s if self.decode_s > 0 else float("nan")
 
     def stats(self) -> dict:
+        """JSON-safe figures (no NaN: ``tau``/``decode_tok_s`` are null when nothing was decoded)."""
+        finite = lambda x, nd: round(x, nd) if x == x else None  # noqa: E731  (NaN != NaN)
         return {"prompt_tokens": self.prompt_tokens, "new_tokens": len(self.tokens), "stop_reason": self.stop_reason,
                 "prefill_ms": round(self.prefill_s * 1e3, 2), "decode_s": round(self.decode_s, 4),
-                "decode_tok_s": round(self.decode_tok_s, 2), "steps": self.steps, "tau": round(self.tau, 3),
+                "decode_tok_s": finite(self.decode_tok_s, 2), "steps": self.steps, "tau": finite(self.tau, 3),
                 "draft_ms_per_step": round(self.draft_s * 1e3 / max(self.steps, 1), 3),
                 "verify_ms_per_step": round(self.verify_s * 1e3 / max(self.steps, 1), 3)}
 
@@ -65,7 +50,7 @@ class GenerationResult:
 class Decoder:
     """Greedy generation on a base runner (ORT or TensorRT), optionally with a drafter and a tree."""
 
-    def __init__(self, base, drafter=None, tree: Tree | None = None, eos_ids=(),
+    def __init__(self, base: BaseRunner, drafter: Drafter | None = None, tree: Tree | None = None, eos_ids=(),
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.base, self.eos = base, frozenset(int(e) for e in eos_ids)
         self.drafter = drafter or RootOnly()

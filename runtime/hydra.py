@@ -13,14 +13,13 @@ the prefix layer over the base hidden states of every committed token (prompt ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from spectrt.runtime.contract import model_dims
+from spectrt.runtime.artifact import Artifact, EmbeddingRef
 from spectrt.runtime.errors import ArtifactError, SpectrtError
-from spectrt.runtime.manifest import Artifact
-from spectrt.runtime.ort_runner import (DEFAULT_PROVIDER, ContextFull, OrtBaseRunner, SessionFromOnnx,
-                                        check_session)
+from spectrt.runtime.protocols import Runners
 from spectrt.runtime.tree import Tree
 
 PREFIX_MAX_Q = 64  # prefix-layer tokens per call; longer observations are split
@@ -29,68 +28,26 @@ PREFIX_MAX_Q = 64  # prefix-layer tokens per call; longer observations are split
 class EmbeddingTable:
     """Rows of the base's input embedding, read from ``base.onnx.data`` through a read-only memmap."""
 
-    def __init__(self, artifact: Artifact):
-        info = artifact.manifest.get("draft", {}).get("embedding")
-        if not info:
-            raise ArtifactError(f"{artifact.root}: the manifest's draft section has no embedding table record")
-        path = artifact.root / info["file"]
-        shape = tuple(int(d) for d in info["shape"])
-        dtype = np.dtype(info["dtype"]).newbyteorder("<")
-        need = int(info["offset"]) + int(np.prod(shape)) * dtype.itemsize
+    def __init__(self, root: Path, info: EmbeddingRef):
+        path = Path(root) / info.file
+        dtype = np.dtype(info.dtype).newbyteorder("<" if info.byte_order == "little" else ">")
+        need = info.offset + int(np.prod(info.shape)) * dtype.itemsize
         if not path.is_file() or path.stat().st_size < need:
             raise ArtifactError(f"{path}: missing or shorter than the embedding table the manifest points to")
-        self.table = np.memmap(path, dtype=dtype, mode="r", offset=int(info["offset"]), shape=shape)
-        self.dtype = np.dtype(info["dtype"])
+        self.table = np.memmap(path, dtype=dtype, mode="r", offset=info.offset, shape=info.shape)
+        self.dtype = np.dtype(info.dtype)
+
+    @classmethod
+    def of(cls, artifact: Artifact) -> "EmbeddingTable":
+        """The table the artifact's draft section points to."""
+        info = artifact.draft.embedding if artifact.draft else None
+        if info is None:
+            raise ArtifactError(f"{artifact.root}: the manifest records no embedding table for the draft heads")
+        return cls(artifact.root, info)
 
     def __call__(self, ids) -> np.ndarray:
         """``ids`` [...] -> rows [..., H] (a copy; only these rows' pages are read)."""
         return np.asarray(self.table[np.asarray(ids, np.int64)], dtype=self.dtype)
-
-
-class OrtPrefixRunner(OrtBaseRunner):
-    """``hydra_prefix.onnx`` with its own token-major KV cache, bound zero-copy like the base runner
-    (``past_*`` = cache[:past], ``new_*`` written into cache[past:past + q]); ``commit``/``reset`` are the base's."""
-
-    def __init__(self, artifact: Artifact, max_q: int = PREFIX_MAX_Q, provider: str = DEFAULT_PROVIDER,
-                 max_context: int | None = None, threads: int | None = None):
-        super().__init__(artifact, max_q, provider, max_context, threads)
-        self.loader = SessionFromOnnx(artifact.graph_path("hydra_prefix"), provider, threads, spin=False)
-
-    def __enter__(self):
-        d, np_dtype = self.dims, np.dtype(self.artifact.dtype)
-        self.session = self.loader()
-        check_session(self.session, "hydra_prefix", d, self.artifact.dtype)
-        kv = (self.max_context, 1, d["kv_heads"], d["head_dim"])
-        self.keys, self.values = [np.zeros(kv, np_dtype)], [np.zeros(kv, np_dtype)]
-        self.inp = np.zeros(self.max_q * d["hidden"], np_dtype)
-        self.pos = np.zeros(self.max_q, np.int64)
-        self.mask = np.zeros(self.max_q * self.max_q, np.bool_)
-        self.out_context = np.zeros(self.max_q * d["hidden"], np_dtype)
-        self.binding = self.session.io_binding()
-        self.past = 0
-        return self
-
-    def forward(self, hidden_states, position_ids, tree_mask) -> np.ndarray:
-        """Context states [q, H] (a view, valid until the next call); new KV in cache[past:past+q]."""
-        q, H = len(hidden_states), self.dims["hidden"]
-        if not 1 <= q <= self.max_q:
-            raise SpectrtError(f"prefix call with {q} tokens; this runner was sized for 1..{self.max_q}")
-        if self.past + q > self.max_context:
-            raise ContextFull(f"prefix layer: {self.past} + {q} tokens > max context {self.max_context}")
-        p = self.past
-        hs, pos, mask = self.inp[:q * H].reshape(q, H), self.pos[:q], self.mask[:q * q].reshape(q, q)
-        hs[:], pos[:], mask[:] = hidden_states, position_ids, tree_mask
-        out = self.out_context[:q * H].reshape(q, H)
-        self._bind("hidden_states", hs.reshape(1, q, H))
-        self._bind("position_ids", pos.reshape(1, q))
-        self._bind("tree_mask", mask.reshape(1, q, q))
-        self._bind("past_key.0", self.keys[0][:p])
-        self._bind("past_value.0", self.values[0][:p])
-        self._bind("new_key.0", self.keys[0][p:p + q], output=True)
-        self._bind("new_value.0", self.values[0][p:p + q], output=True)
-        self._bind("context", out.reshape(1, q, H), output=True)
-        self.session.run_with_iobinding(self.binding)
-        return out
 
 
 @dataclass(frozen=True)
@@ -121,32 +78,28 @@ def draft_plan(tree: Tree) -> list[_Depth]:
 
 
 class HydraDrafter:
-    """hydra_head.{i} (+ draft_lm_head or hydra_lm_head.{i}) runners, + the prefix runner for Hydra++.
+    """hydra_head.{i} (+ draft_lm_head or hydra_lm_head.{i}) runners, + the prefix runner for Hydra++,
+    all made by ``runners`` (ONNX Runtime or TensorRT). Use inside ``with``."""
 
-    ``graphs(name, max_batch)`` makes a runner for a stateless graph (ONNX Runtime or TensorRT); the prefix
-    layer runs on ONNX Runtime (``prefix_provider``).
-    """
-
-    def __init__(self, artifact: Artifact, tree: Tree, graphs, prefix_provider: str = DEFAULT_PROVIDER,
-                 threads: int | None = None):
-        draft = artifact.manifest["draft"]
-        tree.check_drafter(draft["num_heads"], draft["topk"])
-        self.arch = draft.get("arch", "mlp")
-        self.hidden = model_dims(artifact.model)["hidden"]
-        self.embed = EmbeddingTable(artifact)
+    def __init__(self, artifact: Artifact, tree: Tree, runners: Runners):
+        draft = artifact.draft
+        if draft is None or draft.kind != "hydra" or draft.embedding is None:
+            raise ArtifactError(f"{artifact.root}: not a Hydra export")
+        tree.check_drafter(draft.num_heads, draft.topk)
+        self.hidden = artifact.model.hidden
+        self.embed = EmbeddingTable.of(artifact)
         self.tree, self._plans = tree, {}
         plan = self._plan(tree)
         fronts = [max(1, len(p.front)) for p in plan]
-        self.heads = [graphs(f"hydra_head.{i}", f) for i, f in enumerate(fronts)]
-        if draft.get("shared_lm_head"):
-            shared = graphs("draft_lm_head", max(fronts, default=1))
+        self.heads = [runners.graph(f"hydra_head.{i}", f) for i, f in enumerate(fronts)]
+        if draft.shared_lm_head:
+            shared = runners.graph("draft_lm_head", max(fronts, default=1))
             self.lm_heads, self._runners = [shared] * len(fronts), self.heads + [shared]
         else:
-            self.lm_heads = [graphs(f"hydra_lm_head.{i}", f) for i, f in enumerate(fronts)]
+            self.lm_heads = [runners.graph(f"hydra_lm_head.{i}", f) for i, f in enumerate(fronts)]
             self._runners = self.heads + self.lm_heads
-        self.prefix = None
-        if self.arch == "prefix-mlp":
-            self.prefix = OrtPrefixRunner(artifact, PREFIX_MAX_Q, prefix_provider, threads=threads)
+        self.prefix = runners.prefix(PREFIX_MAX_Q) if draft.is_hydra_plus else None
+        if self.prefix is not None:
             self._runners.append(self.prefix)
         self.ctx = None
 
@@ -209,4 +162,4 @@ class HydraDrafter:
         self.ctx = out[c - 1].copy()
 
 
-__all__ = ["HydraDrafter", "OrtPrefixRunner", "EmbeddingTable", "draft_plan", "PREFIX_MAX_Q"]
+__all__ = ["HydraDrafter", "EmbeddingTable", "draft_plan", "PREFIX_MAX_Q"]

@@ -1,9 +1,10 @@
 """ONNX Runtime runners with pre-allocated I/O bindings (torch-free).
 
-``OrtBaseRunner`` owns one token-major KV cache per layer ``[max_context, 1, kv_heads, head_dim]``. Each
+``OrtKVRunner`` runs a graph with a KV cache (``base.onnx``, ``hydra_prefix.onnx``), driven by its
+contract spec. It owns one token-major cache per KV layer ``[max_context, 1, kv_heads, head_dim]``. Each
 call binds ``past_*`` to the view ``cache[:past]`` and the graph's ``new_*`` outputs straight into
 ``cache[past:past + q]``: no concatenation or allocation per step. ``commit`` moves only the accepted
-tree rows that are out of place and advances ``past``; rollback is just not advancing it.
+tree rows that are out of place and advances ``past``; ``rollback`` moves the integer back.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spectrt.runtime.contract import BASE, graph_spec, model_dims
+from spectrt.runtime.artifact import Artifact
+from spectrt.runtime.contract import BASE, HYDRA_PREFIX, MODEL_DTYPE, graph_spec
 from spectrt.runtime.errors import ArtifactError, SpectrtError
-from spectrt.runtime.manifest import Artifact
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -22,6 +23,7 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 DEFAULT_PROVIDER = "cpu"
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
 
 
 class ContextFull(SpectrtError):
@@ -37,13 +39,13 @@ class SessionFromOnnx:
     """
 
     def __init__(self, path, provider: str = DEFAULT_PROVIDER, threads: int | None = None, spin: bool = True):
+        if provider not in PROVIDERS:
+            raise SpectrtError(f"unknown provider '{provider}' (choose from {', '.join(PROVIDERS)})")
         self.path, self.provider, self.threads, self.spin = str(path), provider, threads, spin
 
     def __call__(self):
         import onnxruntime as ort
 
-        if self.provider not in PROVIDERS:
-            raise SpectrtError(f"unknown provider '{self.provider}' (choose from {', '.join(PROVIDERS)})")
         ep = PROVIDERS[self.provider]
         if ep not in ort.get_available_providers():
             raise SpectrtError(f"onnxruntime here has no {ep}; install onnxruntime-gpu for CUDA/TensorRT providers")
@@ -58,11 +60,9 @@ class SessionFromOnnx:
             raise ArtifactError(f"{self.path}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
 
 
-def check_session(session, graph: str, dims: dict, dtype: str, num_layers: int = 0) -> None:
+def check_session(session, graph: str, dims: dict, dtype: str) -> None:
     """The graph's inputs/outputs must be exactly the contract's (names, ranks, fixed dims, dtypes)."""
-    ins, outs = graph_spec(graph).expand(num_layers)
-    ort_types = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
-                 "bool": "tensor(bool)"}
+    ins, outs = graph_spec(graph).expand(dims)
     for kind, specs, actual in (("input", ins, session.get_inputs()), ("output", outs, session.get_outputs())):
         got = {a.name: a for a in actual}
         if set(got) != {s.name for s in specs}:
@@ -72,7 +72,7 @@ def check_session(session, graph: str, dims: dict, dtype: str, num_layers: int =
         for s in specs:
             shape, dt = s.resolve(dims, dtype)
             a = got[s.name]
-            if a.type != ort_types[dt] or len(a.shape) != len(shape) or any(
+            if a.type != ORT_TYPES[dt] or len(a.shape) != len(shape) or any(
                     isinstance(e, int) and isinstance(x, int) and e != x for e, x in zip(shape, a.shape)):
                 raise ArtifactError(f"{graph}.onnx: {kind} '{s.name}' is {a.type}{a.shape}, contract wants {dt}{list(shape)}")
 
@@ -86,32 +86,49 @@ class BaseOutputs:
     logits: np.ndarray  # [q, V]
 
 
-class OrtBaseRunner:
-    """Runs ``base.onnx`` at batch 1 with a position-indexed static KV cache. Use inside ``with``."""
+def check_rows(rows, q: int) -> list[int]:
+    """Accepted rows of the last call: strictly increasing indices in 0..q-1 (a root path of the tree)."""
+    rows = [int(r) for r in rows]
+    if any(not 0 <= r < q for r in rows) or any(b <= a for a, b in zip(rows, rows[1:])):
+        raise SpectrtError(f"commit: rows must be strictly increasing indices into the last call's {q} tokens, got {rows}")
+    return rows
 
-    def __init__(self, artifact: Artifact, max_q: int, provider: str = DEFAULT_PROVIDER,
-                 max_context: int | None = None, threads: int | None = None):
-        self.artifact = artifact
-        self.dims = model_dims(artifact.model)
+
+class OrtKVRunner:
+    """A contract graph with a KV cache (``base`` or ``hydra_prefix``) at batch 1. Use inside ``with``.
+
+    ``run(**inputs)`` binds the q new tokens' inputs (``[q, ...]`` arrays, copied into pre-allocated buffers),
+    ``past_*`` to ``cache[:past]`` and ``new_*`` into ``cache[past:past+q]``; it returns ``[q, ...]`` views of
+    the outputs, valid until the next call.
+    """
+
+    def __init__(self, artifact: Artifact, graph: str, max_q: int, provider: str = DEFAULT_PROVIDER,
+                 max_context: int | None = None, threads: int | None = None, spin: bool = True):
+        if max_q < 1:
+            raise SpectrtError(f"max_q must be >= 1, got {max_q}")
+        self.artifact, self.graph, self.spec = artifact, graph, graph_spec(graph)
+        self.dims = artifact.dims(graph)
         self.max_q = max_q
         self.max_context = min(max_context or artifact.max_context, artifact.max_context)
-        self.loader = SessionFromOnnx(artifact.graph_path("base"), provider, threads)
-        self.session = None
+        self.loader = SessionFromOnnx(artifact.graph_path(graph), provider, threads, spin)
+        self.session = self.binding = None
         self.past = 0
+        self._last_q = 0
+
+    def _buffer(self, spec) -> np.ndarray:
+        """A flat buffer for one non-KV tensor at q = max_q (batch 1)."""
+        shape, dt = spec.resolve({**self.dims, "batch": 1, "q": self.max_q}, self.artifact.dtype)
+        return np.zeros(int(np.prod(shape)), np.dtype(dt))
 
     def __enter__(self):
-        d, np_dtype = self.dims, np.dtype(self.artifact.dtype)
         self.session = self.loader()
-        check_session(self.session, "base", d, self.artifact.dtype, d["num_layers"])
-        kv = (self.max_context, 1, d["kv_heads"], d["head_dim"])
-        self.keys = [np.zeros(kv, np_dtype) for _ in range(d["num_layers"])]
-        self.values = [np.zeros(kv, np_dtype) for _ in range(d["num_layers"])]
-        self.ids = np.zeros(self.max_q, np.int64)
-        self.pos = np.zeros(self.max_q, np.int64)
-        self.mask = np.zeros(self.max_q * self.max_q, np.bool_)
-        self.out_logits = np.zeros(self.max_q * d["vocab"], np_dtype)
-        self.out_hidden = np.zeros(self.max_q * d["hidden"], np_dtype)
-        self.out_greedy = np.zeros(self.max_q, np.int64)
+        check_session(self.session, self.graph, self.dims, self.artifact.dtype)
+        kv = (self.max_context, 1, self.dims["kv_heads"], self.dims["head_dim"])
+        layers = self.spec.num_kv_layers(self.dims)
+        self.keys = [np.zeros(kv, self.artifact.dtype) for _ in range(layers)]
+        self.values = [np.zeros(kv, self.artifact.dtype) for _ in range(layers)]
+        self.inputs = {s.name: self._buffer(s) for s in self.spec.inputs}
+        self.outputs = {s.name: self._buffer(s) for s in self.spec.outputs}
         self.binding = self.session.io_binding()
         self.past = 0
         return self
@@ -125,53 +142,89 @@ class OrtBaseRunner:
         bind = self.binding.bind_output if output else self.binding.bind_input
         bind(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
 
-    def forward(self, input_ids, position_ids, tree_mask) -> BaseOutputs:
-        """Run q new tokens after the current past; their KV lands in cache[past:past+q] (not committed)."""
-        q = len(input_ids)
+    def _view(self, buffers: dict, spec, q: int) -> np.ndarray:
+        shape, _ = spec.resolve({**self.dims, "batch": 1, "q": q}, MODEL_DTYPE)
+        return buffers[spec.name][:int(np.prod(shape))].reshape(shape)
+
+    def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        q = len(inputs[self.spec.inputs[0].name])
         if not 1 <= q <= self.max_q:
-            raise SpectrtError(f"base call with {q} tokens; this runner was sized for 1..{self.max_q}")
+            raise SpectrtError(f"{self.graph} call with {q} tokens; this runner was sized for 1..{self.max_q}")
         if self.past + q > self.max_context:
             raise ContextFull(f"context limit reached: {self.past} + {q} tokens > max context {self.max_context}")
-        p, d = self.past, self.dims
-        ids, pos, mask = self.ids[:q], self.pos[:q], self.mask[:q * q].reshape(q, q)
-        ids[:], pos[:], mask[:] = input_ids, position_ids, tree_mask
-        self._bind("input_ids", ids.reshape(1, q))
-        self._bind("position_ids", pos.reshape(1, q))
-        self._bind("tree_mask", mask.reshape(1, q, q))
+        p = self.past
+        for s in self.spec.inputs:
+            view = self._view(self.inputs, s, q)
+            view[0] = inputs[s.name]
+            self._bind(s.name, view)
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             self._bind(f"past_key.{i}", k[:p])
             self._bind(f"past_value.{i}", v[:p])
             self._bind(f"new_key.{i}", k[p:p + q], output=True)
             self._bind(f"new_value.{i}", v[p:p + q], output=True)
-        out = BaseOutputs(self.out_greedy[:q], self.out_hidden[:q * d["hidden"]].reshape(q, d["hidden"]),
-                          self.out_logits[:q * d["vocab"]].reshape(q, d["vocab"]))
-        self._bind("greedy_ids", out.greedy_ids.reshape(1, q), output=True)
-        self._bind("hidden_states", out.hidden_states.reshape(1, q, d["hidden"]), output=True)
-        self._bind("logits", out.logits.reshape(1, q, d["vocab"]), output=True)
+        out = {}
+        for s in self.spec.outputs:
+            view = self._view(self.outputs, s, q)
+            self._bind(s.name, view, output=True)
+            out[s.name] = view[0]
         self.session.run_with_iobinding(self.binding)
+        self._last_q = q
         return out
 
     def commit(self, rows) -> None:
         """Keep the new tokens at ``rows`` (increasing indices into the last call) as the next past."""
         p = self.past
-        for i, r in enumerate(rows):
+        for i, r in enumerate(check_rows(rows, self._last_q)):
             if r != i:  # only out-of-place accepted rows move
                 for cache in (self.keys, self.values):
                     for c in cache:
                         c[p + i] = c[p + r]
         self.past = p + len(rows)
+        self._last_q = 0
+
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` committed tokens (their KV rows are overwritten by the next call)."""
+        if not 0 <= n <= self.past:
+            raise SpectrtError(f"rollback of {n} tokens with {self.past} in the cache")
+        self.past -= n
 
     def reset(self) -> None:
         self.past = 0
+        self._last_q = 0
+
+
+class OrtBaseRunner(OrtKVRunner):
+    """``base.onnx``: token ids in; greedy ids, final-norm hidden states and logits out."""
+
+    def __init__(self, artifact: Artifact, max_q: int, provider: str = DEFAULT_PROVIDER,
+                 max_context: int | None = None, threads: int | None = None):
+        super().__init__(artifact, BASE.name, max_q, provider, max_context, threads, spin=True)
+
+    def forward(self, input_ids, position_ids, tree_mask) -> BaseOutputs:
+        """Run q new tokens after the current past; their KV lands in cache[past:past+q] (not committed)."""
+        out = self.run(input_ids=input_ids, position_ids=position_ids, tree_mask=tree_mask)
+        return BaseOutputs(out["greedy_ids"], out["hidden_states"], out["logits"])
+
+
+class OrtPrefixRunner(OrtKVRunner):
+    """``hydra_prefix.onnx`` (Hydra++): base hidden states in, prefix-layer context states out."""
+
+    def __init__(self, artifact: Artifact, max_q: int, provider: str = DEFAULT_PROVIDER,
+                 max_context: int | None = None, threads: int | None = None):
+        super().__init__(artifact, HYDRA_PREFIX.name, max_q, provider, max_context, threads, spin=False)
+
+    def forward(self, hidden_states, position_ids, tree_mask) -> np.ndarray:
+        """Context states [q, H] (a view, valid until the next call); new KV in cache[past:past+q]."""
+        return self.run(hidden_states=hidden_states, position_ids=position_ids, tree_mask=tree_mask)["context"]
 
 
 class OrtGraphRunner:
-    """A small stateless graph (heads, draft LM head) with outputs bound to pre-allocated buffers."""
+    """A small stateless graph (heads, draft LM heads) with outputs bound to pre-allocated buffers."""
 
     def __init__(self, artifact: Artifact, graph: str, max_batch: int, provider: str = DEFAULT_PROVIDER,
                  threads: int | None = None):
         self.artifact, self.graph, self.max_batch = artifact, graph, max_batch
-        self.dims = {**model_dims(artifact.model), **artifact.manifest.get("draft", {}).get("dims", {})}
+        self.dims = artifact.dims(graph)
         self.loader = SessionFromOnnx(artifact.graph_path(graph), provider, threads, spin=False)
         self.spec = graph_spec(graph)
 
@@ -205,5 +258,5 @@ class OrtGraphRunner:
         return views
 
 
-__all__ = ["OrtBaseRunner", "OrtGraphRunner", "SessionFromOnnx", "ContextFull", "BaseOutputs", "PROVIDERS",
-           "DEFAULT_PROVIDER", "BASE"]
+__all__ = ["OrtKVRunner", "OrtBaseRunner", "OrtPrefixRunner", "OrtGraphRunner", "SessionFromOnnx", "ContextFull",
+           "BaseOutputs", "PROVIDERS", "DEFAULT_PROVIDER", "check_rows", "check_session"]

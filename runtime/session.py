@@ -4,11 +4,13 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from spectrt.runtime.artifact import Artifact, load_artifact
 from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
+from spectrt.runtime.drafters import drafter_for
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder, GenerationResult
-from spectrt.runtime.manifest import load_artifact
-from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, OrtBaseRunner, OrtGraphRunner
+from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, OrtBaseRunner, OrtGraphRunner, OrtPrefixRunner
+from spectrt.runtime import trt_runner
 from spectrt.runtime.text import StreamPrinter, TextCodec
 from spectrt.runtime.tree import Tree
 
@@ -16,42 +18,9 @@ DEFAULT_MAX_NEW_TOKENS = 128
 MODES = ("spec", "ar")
 
 
-class OrtBackend:
-    """ONNX Runtime graphs (CPU by default; CUDA/TensorRT execution providers where installed)."""
-
-    @staticmethod
-    def base(artifact, config: "SessionConfig", max_q: int):
-        return OrtBaseRunner(artifact, max_q=max_q, provider=config.provider, max_context=config.max_context,
-                             threads=config.threads)
-
-    @staticmethod
-    def graph(artifact, name: str, config: "SessionConfig", max_batch: int):
-        return OrtGraphRunner(artifact, name, max_batch, config.provider, config.threads)
-
-
-class TrtBackend:
-    """TensorRT engines built by `spectrt build` (device buffers, one stream); imported lazily."""
-
-    @staticmethod
-    def base(artifact, config: "SessionConfig", max_q: int):
-        from spectrt.runtime.trt_runner import TrtBaseRunner
-
-        return TrtBaseRunner(artifact, profile=config.profile, copy_logits=False)
-
-    @staticmethod
-    def graph(artifact, name: str, config: "SessionConfig", max_batch: int):
-        from spectrt.runtime.trt_runner import TrtGraphRunner
-
-        return TrtGraphRunner(artifact, name, profile=config.profile)
-
-
-BACKENDS = {"ort": OrtBackend, "trt": TrtBackend}
-DEFAULT_BACKEND = "ort"
-
-
 @dataclass
 class SessionConfig:
-    backend: str = DEFAULT_BACKEND  # key of BACKENDS
+    backend: str = "ort"  # key of BACKENDS
     profile: str | None = None  # device profile of the TensorRT engines (trt backend)
     provider: str = DEFAULT_PROVIDER
     max_context: int | None = None
@@ -59,41 +28,79 @@ class SessionConfig:
     mode: str | None = None  # None: "spec" when the export has a drafter, else "ar"
     tree: str | None = None  # tree JSON path; None: the export's default tree
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    verify: bool = False  # re-hash every file against the manifest before loading
+
+
+class OrtRunners:
+    """ONNX Runtime graphs (CPU by default; CUDA/TensorRT execution providers where installed)."""
+
+    def __init__(self, artifact: Artifact, config: SessionConfig):
+        self.artifact, self.c = artifact, config
+
+    def base(self, max_q: int) -> OrtBaseRunner:
+        return OrtBaseRunner(self.artifact, max_q, self.c.provider, self.c.max_context, self.c.threads)
+
+    def prefix(self, max_q: int) -> OrtPrefixRunner:
+        return OrtPrefixRunner(self.artifact, max_q, self.c.provider, self.c.max_context, self.c.threads)
+
+    def graph(self, name: str, max_batch: int) -> OrtGraphRunner:
+        return OrtGraphRunner(self.artifact, name, max_batch, self.c.provider, self.c.threads)
+
+
+class TrtRunners:
+    """TensorRT engines built by `spectrt build` (device buffers, one stream); tensorrt is imported lazily."""
+
+    def __init__(self, artifact: Artifact, config: SessionConfig):
+        self.artifact, self.c = artifact, config
+
+    def base(self, max_q: int) -> trt_runner.TrtBaseRunner:
+        return trt_runner.TrtBaseRunner(self.artifact, profile=self.c.profile, copy_logits=False)
+
+    def prefix(self, max_q: int) -> trt_runner.TrtPrefixRunner:
+        return trt_runner.TrtPrefixRunner(self.artifact, profile=self.c.profile)
+
+    def graph(self, name: str, max_batch: int) -> trt_runner.TrtGraphRunner:
+        return trt_runner.TrtGraphRunner(self.artifact, name, profile=self.c.profile)
+
+
+BACKENDS = {"ort": OrtRunners, "trt": TrtRunners}
+DEFAULT_BACKEND = "ort"
 
 
 class SpecSession:
     """Owns the runners for one artifact; ``generate`` runs greedy decoding in the chosen mode."""
 
     def __init__(self, artifact_dir, config: SessionConfig | None = None):
-        self.config = config or SessionConfig()
-        self.artifact = load_artifact(artifact_dir)
+        self.config = c = config or SessionConfig()
+        if c.backend not in BACKENDS:
+            raise SpectrtError(f"unknown backend '{c.backend}' (choose from {', '.join(BACKENDS)})")
+        self.artifact = load_artifact(artifact_dir, verify_hashes=c.verify)
         self.codec = TextCodec(self.artifact)
-        draft = self.artifact.manifest.get("draft")
-        mode = self.config.mode or ("spec" if draft else "ar")
+        draft = self.artifact.draft
+        mode = c.mode or ("spec" if draft else "ar")
         if mode not in MODES:
             raise SpectrtError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
         if mode == "spec" and not draft:
             raise SpectrtError(f"{self.artifact.root}: no draft heads in this export; use --mode ar or export --heads")
         self.mode = mode
-        if self.config.backend not in BACKENDS:
-            raise SpectrtError(f"unknown backend '{self.config.backend}' (choose from {', '.join(BACKENDS)})")
-        self.backend = BACKENDS[self.config.backend]
+        self.runners = BACKENDS[c.backend](self.artifact, c)
         self.tree = None
         if mode == "spec":
-            self.tree = Tree.load(self.config.tree) if self.config.tree else Tree.from_paths(draft["tree"]["paths"])
+            self.tree = Tree.load(c.tree) if c.tree else Tree.from_paths(draft.tree)
         self._stack = ExitStack()
 
     def __enter__(self):
         c = self.config
         max_q = max(c.prefill_chunk, self.tree.size if self.tree else 1)
-        self.base = self._stack.enter_context(self.backend.base(self.artifact, c, max_q))
-        drafter = None
-        if self.mode == "spec":
-            from spectrt.runtime.drafters import drafter_for
-
-            graphs = lambda name, max_batch: self.backend.graph(self.artifact, name, c, max_batch)  # noqa: E731
-            drafter = self._stack.enter_context(drafter_for(self.artifact, self.tree, graphs))
-        self.decoder = Decoder(self.base, drafter, self.tree, self.codec.eos_ids, c.prefill_chunk)
+        try:
+            self.base = self._stack.enter_context(self.runners.base(max_q))
+            drafter = None
+            if self.mode == "spec":
+                drafter = self._stack.enter_context(drafter_for(self.artifact, self.tree, self.runners))
+            self.decoder = Decoder(self.base, drafter, self.tree, self.codec.eos_ids, c.prefill_chunk)
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def __exit__(self, *exc):

@@ -4,8 +4,13 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
 from spectrt.runtime.errors import ArtifactError, SpectrtError
-from spectrt.runtime.manifest import Artifact
+from spectrt.runtime.artifact import Artifact
 
 
 def _raise(message):
@@ -14,10 +19,6 @@ def _raise(message):
 
 def render_chat(template: str, messages: list[dict], special: dict, add_generation_prompt: bool = True) -> str:
     """Render a Hugging Face chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
                                                                                    ensure_ascii=ensure_ascii)
@@ -33,18 +34,20 @@ class TextCodec:
     """Prompt -> token ids (chat template or raw) and ids -> text, from an artifact's tokenizer files."""
 
     def __init__(self, artifact: Artifact):
-        from tokenizers import Tokenizer
-
-        info = artifact.manifest.get("tokenizer", {})
-        path = artifact.path(info.get("file", "tokenizer.json"))
+        info = artifact.manifest.tokenizer
+        path = artifact.path(info.file)
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception
             raise ArtifactError(f"{path}: cannot load tokenizer ({e})") from None
-        self.special = {k: info[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if info.get(k)}
-        self.eos_ids = tuple(info.get("eos_token_ids", ()))
-        tpl = info.get("chat_template")
-        self.chat_template = artifact.path(tpl).read_text() if tpl else None
+        self.special = info.special_tokens()
+        self.eos_ids = info.eos_token_ids
+        self.chat_template = None
+        if info.chat_template:
+            try:
+                self.chat_template = artifact.path(info.chat_template).read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ArtifactError(f"{artifact.path(info.chat_template)}: cannot read the chat template ({e})") from None
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         if chat:

@@ -39,10 +39,11 @@ class Tree:
 
     @classmethod
     def from_paths(cls, paths) -> "Tree":
-        try:
-            paths = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
-        except (TypeError, ValueError):
-            raise SpectrtError("a tree is a list of paths, each a list of top-k ranks, e.g. [[0], [0, 0], [1]]") from None
+        ok = isinstance(paths, (list, tuple, set, frozenset)) and all(
+            isinstance(p, (list, tuple)) and all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in p) for p in paths)
+        if not ok:
+            raise SpectrtError("a tree is a list of paths, each a list of top-k ranks, e.g. [[0], [0, 0], [1]]")
+        paths = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
         index = {(): 0}
         for n, p in enumerate(paths, start=1):
             if not p or min(p) < 0:
@@ -91,9 +92,16 @@ class Tree:
     def load(cls, path: str | Path) -> "Tree":
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SpectrtError(f"{path}: cannot read tree ({e})") from None
-        return cls.from_paths(data["paths"] if isinstance(data, dict) else data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SpectrtError(f"{path}: cannot read a tree JSON ({e.__class__.__name__}: {e})") from None
+        if isinstance(data, dict):
+            if "paths" not in data:
+                raise SpectrtError(f"{path}: a tree JSON is a list of paths or an object with 'paths'")
+            data = data["paths"]
+        try:
+            return cls.from_paths(data)
+        except SpectrtError as e:
+            raise SpectrtError(f"{path}: {e}") from None
 
     def check_drafter(self, num_heads: int, topk: int) -> None:
         if self.max_depth > num_heads:

@@ -9,9 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spectrt.cli import main
+from spectrt.export.onnx_graph import declared_dims
 from spectrt.profiles.check import check_artifact, check_model, check_onnx, max_opset, trt_ops
-from spectrt.profiles.tiny import tiny_base_model, write_tiny_artifact
-from spectrt.runtime.manifest import load_artifact, sha256_file
+from tests.tiny_artifact import tiny_base_model, write_tiny_artifact
+from spectrt.runtime.artifact import load_artifact, sha256_file
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17, extra_opsets=()):
@@ -55,8 +56,8 @@ def _swap_base(art_dir, model):
     """Replace DIR/base.onnx and fix its manifest hash so load_artifact accepts it."""
     onnx.save_model(model, str(art_dir / "base.onnx"))
     m = json.loads((art_dir / "manifest.json").read_text())
-    m["graphs"]["base"]["sha256"] = {"base.onnx": sha256_file(art_dir / "base.onnx")}
-    m["graphs"]["base"]["bytes"] = {"base.onnx": (art_dir / "base.onnx").stat().st_size}
+    path = art_dir / "base.onnx"
+    m["graphs"]["base"]["files"] = [{"path": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}]
     (art_dir / "manifest.json").write_text(json.dumps(m))
 
 
@@ -148,7 +149,7 @@ def test_contract_conformance(tmp_path):
     model.graph.output.remove(next(o for o in model.graph.output if o.name == "greedy_ids"))
     model.graph.input[0].type.tensor_type.elem_type = TensorProto.INT32
     from spectrt.runtime.contract import BASE
-    from spectrt.profiles.tiny import TINY_DIMS
+    from tests.tiny_artifact import TINY_DIMS
 
     rep = check_model(model, spec=BASE, dims=TINY_DIMS, dtype="float32")
     msgs = [f"{f.where}: {f.message}" for f in rep.errors]
@@ -175,7 +176,7 @@ def test_unreadable_graph_is_a_blocker(tmp_path):
 
 
 def test_bad_target_version(tmp_path):
-    art = write_tiny_artifact(tmp_path / "t", graphs=("heads",))
+    art = write_tiny_artifact(tmp_path / "t", graphs=("base", "heads"))
     assert main(["check", str(art), "--trt-version", "8.6"]) == 2
     assert load_artifact(art).has_graph("heads")
 
@@ -195,7 +196,7 @@ def test_real_exporter_base_graph_passes():
     dims = decoder_dims(model.config)
     inv_freq, scale = rope_tables(model)
     for dtype in ("float32", "float16"):
-        graph = base.build_base_graph(dims, HFWeights(model), inv_freq, scale, dtype, 17, "test")
-        rep = check_model(graph, name="base", trt_version="10.3", spec=BASE, dims=dims.manifest(), dtype=dtype)
+        graph = base.build_base_graph(dims, HFWeights.from_model(model), inv_freq, scale, dtype, 17, "test")
+        rep = check_model(graph, name="base", trt_version="10.3", spec=BASE, dims=declared_dims(graph, "base"), dtype=dtype)
         assert rep.errors == [], [f"{f.where}: {f.message}" for f in rep.errors]
         assert rep.op_types["MatMul"] >= 2 * 7

@@ -54,7 +54,7 @@ def test_truncated_graph_data(artifact_copy):
 def test_corrupt_graph(artifact_copy):
     m = json.loads((artifact_copy / "manifest.json").read_text())
     (artifact_copy / "base.onnx").write_bytes(b"\x00garbage" * 10)
-    m["graphs"]["base"]["bytes"]["base.onnx"] = 80
+    m["graphs"]["base"]["files"][0]["bytes"] = 80
     (artifact_copy / "manifest.json").write_text(json.dumps(m))
     assert_one_line_error(*spectrt("generate", artifact_copy, "-p", "hi"), "cannot load the graph")
 
@@ -106,7 +106,7 @@ def test_failed_validation_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise SpectrtError("validation failed: injected")
 
-    monkeypatch.setattr(validate, "validate_base", broken)
+    monkeypatch.setattr(exporter, "validate_base", broken)
     with pytest.raises(SpectrtError, match="injected"):
         exporter.export_model(str(tiny_models["llama"]), tmp_path / "out", progress=lambda *_: None)
     assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from spectrt.runtime.generate import Decoder
-from spectrt.runtime.manifest import load_artifact
+from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.ort_runner import OrtBaseRunner
 from spectrt.runtime.text import TextCodec
 
@@ -45,10 +45,10 @@ def test_runtime_imports_without_torch():
 def test_export_validated_and_manifest(tiny_exports, family):
     art = load_artifact(tiny_exports[family])
     m = art.manifest
-    assert m["model"]["family"] == family
-    assert {c["check"].split(" (")[0] for c in m["validation"]} >= {"prefill logits", "tree pass == causal paths"}
-    assert all(c["ok"] and c["max_abs"] <= 1e-3 for c in m["validation"])
-    art.verify_hashes()
+    assert m.model.family == family
+    assert {c.check.split(" (")[0] for c in m.validation} >= {"prefill logits", "tree pass == causal paths"}
+    assert all(c.ok and c.max_abs <= 1e-3 for c in m.validation)
+    art.verify(hashes=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -66,8 +66,8 @@ def test_tied_embeddings_stored_once(tiny_models, tiny_exports):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     param_bytes = sum(p.numel() for p in model.parameters()) * 4  # parameters() lists a tied weight once
     art = load_artifact(tiny_exports["llama"])
-    assert art.manifest["model"]["tied_embeddings"]
-    onnx_bytes = sum(art.manifest["graphs"]["base"]["bytes"].values())
+    assert art.model.tied_embeddings
+    onnx_bytes = art.graph("base").bytes
     assert onnx_bytes <= 1.05 * param_bytes + 200_000  # + graph structure of a tiny model
 
 

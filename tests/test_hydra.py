@@ -241,6 +241,7 @@ def test_export_unsupported_arch(tiny_models, tmp_path):
 def test_memmap_rss(tmp_path):
     """Rows read through the memmap cost no anonymous memory (file pages are clean, shared, reclaimable);
     a materialized copy of the table would cost all of it."""
+    from spectrt.runtime.artifact import EmbeddingRef
     from spectrt.runtime.hydra import EmbeddingTable
 
     rows, width = 32768, 256  # 32 MiB fp32 table
@@ -249,15 +250,12 @@ def test_memmap_rss(tmp_path):
         f.write(b"\0" * 4096)
         np.random.default_rng(0).standard_normal((rows, width), dtype=np.float32).tofile(f)
 
-    class Art:
-        root = tmp_path
-        manifest = {"draft": {"embedding": {"file": data.name, "offset": 4096, "shape": [rows, width],
-                                            "dtype": "float32"}}}
+    info = EmbeddingRef("embed_tokens", data.name, 4096, rows * width * 4, (rows, width), "float32")
 
     def anon_kib():
         return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1])
 
-    emb = EmbeddingTable(Art())
+    emb = EmbeddingTable(tmp_path, info)
     before = anon_kib()
     got = emb(np.arange(0, rows, 64))  # 512 rows all over the table
     grown = anon_kib() - before

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spectrt.export.exporter import ExportOptions, export_model
-from spectrt.runtime.manifest import load_artifact
+from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.session import SessionConfig, SpecSession
 from spectrt.runtime.tree import Tree
 
@@ -70,21 +70,21 @@ def test_manifest_graphs_and_validation(hydra_export):
     name, out = hydra_export
     arch, shared, trim = VARIANTS[name]
     art = load_artifact(out)
-    d = art.manifest["draft"]
-    assert d["kind"] == "hydra" and d["arch"] == arch and d["num_heads"] == 3 and d["topk"] == 6
-    assert d["shared_lm_head"] == shared and len(d["tree"]["paths"]) == 13
-    graphs = set(art.manifest["graphs"])
+    d = art.draft
+    assert d.kind == "hydra" and d.arch == arch and d.num_heads == 3 and d.topk == 6
+    assert d.shared_lm_head == shared and len(d.tree) == 13
+    graphs = set(art.manifest.graphs)
     assert {"hydra_head.0", "hydra_head.1", "hydra_head.2"} <= graphs
     assert ("hydra_prefix" in graphs) == (arch == "prefix-mlp")
     assert ("draft_lm_head" in graphs) == shared
     assert ("hydra_lm_head.2" in graphs) == (not shared)
-    assert (d["vocab_trim"] is not None) == bool(trim)
+    assert (d.vocab_trim is not None) == bool(trim)
     if trim:
-        assert d["lm_head_rows"] == d["vocab_trim"]["size"] >= trim
-    checks = {c["check"]: c for c in art.manifest["validation"]}
-    assert all(c["ok"] for c in checks.values())
+        assert d.lm_head_rows == d.vocab_trim.size >= trim
+    checks = {c.check: c for c in art.manifest.validation}
+    assert all(c.ok for c in checks.values())
     assert "hydra head 2 features" in checks and "hydra head 2 top-k scores" in checks
-    assert checks["embedding memmap rows"]["max_abs"] == 0.0
+    assert checks["embedding memmap rows"].max_abs == 0.0
     assert ("hydra prefix context (2 chunks)" in checks) == (arch == "prefix-mlp")
 
 
@@ -97,8 +97,8 @@ def test_no_graph_holds_the_vocabulary_embedding(hydra_export):
 
     _, out = hydra_export
     art = load_artifact(out)
-    table = np.asarray(EmbeddingTable(art).table)
-    for g in art.manifest["graphs"]:
+    table = np.asarray(EmbeddingTable.of(art).table)
+    for g in art.manifest.graphs:
         if g.startswith("hydra_head") or g == "hydra_prefix":
             m = onnx.load(str(art.graph_path(g)))
             for t in m.graph.initializer:
@@ -115,7 +115,7 @@ def test_embedding_memmap_matches_base_embedding(hydra_export, tiny_models):
 
     _, out = hydra_export
     art = load_artifact(out)
-    emb = EmbeddingTable(art)
+    emb = EmbeddingTable.of(art)
     assert isinstance(emb.table, np.memmap) and emb.table.mode == "r"
     ref = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).get_input_embeddings()
     ids = np.array([[0, 5, 255], [17, 17, 3]])

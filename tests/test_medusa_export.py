@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from spectrt.export.exporter import ExportOptions, export_model
-from spectrt.runtime.manifest import load_artifact
+from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.session import SessionConfig, SpecSession
 
 
@@ -38,12 +38,12 @@ def medusa_export(request, tiny_models, tmp_path_factory):
 
 def test_manifest_and_validation(medusa_export):
     art = load_artifact(medusa_export)
-    d = art.manifest["draft"]
-    assert d["kind"] == "medusa" and d["num_heads"] == 3 and d["topk"] == 4
-    assert len(d["tree"]["paths"]) == 11
-    names = [c["check"] for c in art.manifest["validation"]]
+    d = art.draft
+    assert d.kind == "medusa" and d.num_heads == 3 and d.topk == 4
+    assert len(d.tree) == 11
+    names = [c.check for c in art.manifest.validation]
     assert "heads features" in names and "draft top-k scores" in names
-    assert all(c["ok"] for c in art.manifest["validation"])
+    assert all(c.ok for c in art.manifest.validation)
 
 
 @pytest.mark.parametrize("prompt", ["hello world", "the quick brown fox jumps", "1 2 3 4 5 6"])

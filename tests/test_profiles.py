@@ -4,11 +4,13 @@ from __future__ import annotations
 import pytest
 
 from spectrt.cli import main
+from spectrt.runtime.artifact import ModelInfo
 from spectrt.profiles import (ProfileError, dim_ranges, estimate_memory, list_profiles, load_profile,
                               optimization_profiles, parse_version)
 from spectrt.runtime.contract import BASE, DRAFT_LM_HEAD, HEADS
 
-DIMS = {"hidden": 64, "vocab": 1000, "num_layers": 3, "num_heads": 4, "kv_heads": 2, "head_dim": 16, "heads": 4}
+DIMS = {"hidden": 64, "vocab": 1000, "num_layers": 3, "num_heads": 4, "kv_heads": 2, "head_dim": 16, "heads": 4,
+        "topk": 8}
 GOOD = """\
 name: mine
 description: test board
@@ -97,7 +99,7 @@ def test_base_optimization_profiles_follow_the_contract():
     p = load_profile("orin-nano-8gb")
     profs = optimization_profiles("base", p, DIMS, max_context=512)  # artifact shorter than the device limit
     assert [x.label for x in profs] == ["prefill", "decode"]
-    ins, _ = BASE.expand(DIMS["num_layers"])
+    ins, _ = BASE.expand(DIMS)
     for sp in profs:
         assert set(sp.shapes) == {s.name for s in ins}
         for name, (mn, opt, mx) in sp.shapes.items():
@@ -120,32 +122,35 @@ def test_frontier_graphs_and_unresolved_dims():
     assert h.label == "frontier" and h.shapes["hidden_states"] == ((1, 64), (1, 64), (p.max_frontier, 64))
     (d,) = optimization_profiles(DRAFT_LM_HEAD, p, DIMS)
     assert d.shapes["head_features"][2] == (p.max_frontier, 4, 64)
-    with pytest.raises(ProfileError, match="dim 'heads'"):
+    with pytest.raises(ProfileError, match="no value for dim.*heads"):
         optimization_profiles("draft_lm_head", p, {k: v for k, v in DIMS.items() if k != "heads"})
 
 
 def test_memory_estimate_scales_with_precision():
     p = load_profile("orin-nano-8gb")
     w = 500 << 20
-    fp32 = estimate_memory(p, DIMS, w, "float32", "fp32")
-    fp16 = estimate_memory(p, DIMS, w, "float32", "fp16")
+    model = ModelInfo(family="llama", intermediate=128, rms_eps=1e-5, tied_embeddings=True, sliding_window=None,
+                      source="test", **{k: DIMS[k] for k in ("hidden", "vocab", "num_layers", "num_heads", "kv_heads",
+                                                              "head_dim")})
+    fp32 = estimate_memory(p, model, w, "float32", "fp32")
+    fp16 = estimate_memory(p, model, w, "float32", "fp16")
     assert fp32["weights_mb"] == pytest.approx(500) and fp16["weights_mb"] == pytest.approx(250)
     kv = 2 * 3 * p.max_context * 2 * 16 * 2 / 2**20
     assert fp16["kv_cache_mb"] == pytest.approx(kv, abs=0.1)
-    assert fp16["fits"] and not estimate_memory(p, DIMS, 20 << 30, "float32", "fp16")["fits"]
+    assert fp16["fits"] and not estimate_memory(p, model, 20 << 30, "float32", "fp16")["fits"]
 
 
 def test_cli_profiles(capsys, tmp_path):
-    assert main(["profiles"]) == 0
+    assert main(["devices"]) == 0
     out = capsys.readouterr().out
     assert "orin-nano-8gb" in out and "agx-thor" in out and "rtx-4090" in out
-    assert main(["profiles", "agx-thor"]) == 0
+    assert main(["devices", "agx-thor"]) == 0
     assert "fp4" in capsys.readouterr().out
-    assert main(["profiles", "no-such-board"]) == 2
+    assert main(["devices", "no-such-board"]) == 2
     assert "unknown device profile" in capsys.readouterr().err
-    from spectrt.profiles.tiny import write_tiny_artifact
+    from tests.tiny_artifact import write_tiny_artifact
 
     art = write_tiny_artifact(tmp_path / "tiny")
-    assert main(["profiles", "orin-nano-8gb", "--artifact", str(art)]) == 0
+    assert main(["devices", "orin-nano-8gb", "--artifact", str(art)]) == 0
     out = capsys.readouterr().out
     assert "base.prefill" in out and "base.decode" in out and "memory estimate" in out

@@ -18,11 +18,11 @@ def hf_model():
 
 
 def test_export_validation_and_size(smol_export):
-    from spectrt.runtime.manifest import load_artifact
+    from spectrt.runtime.artifact import load_artifact
 
     art = load_artifact(smol_export)
-    assert all(c["ok"] for c in art.manifest["validation"])
-    base_bytes = sum(art.manifest["graphs"]["base"]["bytes"].values())
+    assert all(c.ok for c in art.manifest.validation)
+    base_bytes = art.graph("base").bytes
     params = 134_515_008  # SmolLM2-135M parameters, tied embeddings counted once
     assert base_bytes <= 1.05 * params * 4
 
@@ -43,10 +43,10 @@ def test_ar_equals_transformers_greedy(smol_export, hf_model):
 
 def test_shipped_heads_spec_equals_ar(smol_export):
     """SmolLM2 + the shipped Medusa heads: speculative == autoregressive on 10 dev prompts x 128 tokens."""
-    from spectrt.runtime.manifest import load_artifact
+    from spectrt.runtime.artifact import load_artifact
 
-    draft = load_artifact(smol_export).manifest.get("draft")
-    assert draft and draft["kind"] == "medusa", "built-in export should include the shipped heads"
+    draft = load_artifact(smol_export).draft
+    assert draft and draft.kind == "medusa", "built-in export should include the shipped heads"
     prompts = load_prompts(DEFAULT_PROMPTS)[1::4][:10]
     taus = []
     with SpecSession(smol_export) as spec, SpecSession(smol_export, SessionConfig(mode="ar")) as ar:

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spectrt.runtime.generate import Decoder, RootOnly
-from spectrt.runtime.manifest import load_artifact
+from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.ort_runner import OrtBaseRunner
 from spectrt.runtime.tree import Tree
 

@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from spectrt.calibration.vocab import choose_kept, load_vocab, rank_tokens
+from spectrt.calibration.vocab import rank_tokens
+from spectrt.export.vocabtrim import choose_kept, load_vocab
 from spectrt.export.exporter import ExportOptions, export_model
 from spectrt.runtime.errors import SpectrtError
-from spectrt.runtime.manifest import load_artifact
+from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.session import SessionConfig, SpecSession
 from tests.test_medusa_export import random_heads
 
@@ -65,8 +66,8 @@ def test_trimmed_spec_equals_ar(tiny_models, heads_dir, vocab_file, tmp_path, n)
     out = export_model(str(tiny_models["llama"]), tmp_path / "art",
                        ExportOptions(max_context=256, heads=str(heads_dir), topk=4, tree="10", vocab=str(vocab_file),
                                      vocab_size=n), progress=lambda *_: None)
-    draft = load_artifact(out).manifest["draft"]
-    assert draft["lm_head_rows"] == draft["vocab_trim"]["size"] >= n
+    draft = load_artifact(out).draft
+    assert draft.lm_head_rows == draft.vocab_trim.size >= n
     for prompt in PROMPTS[:3]:
         res = {}
         for mode in ("ar", "spec"):
@@ -126,4 +127,4 @@ def test_sweep_command(tiny_models, heads_dir, vocab_file, tmp_path):
     assert rows[0]["lm_head_bytes"] < rows[-1]["lm_head_bytes"]
     assert (tmp_path / "s.png").stat().st_size > 1000
     trimmed = load_artifact(tmp_path / "art.vocab-sweep" / "vocab-4")
-    assert trimmed.manifest["draft"]["vocab_trim"]["size"] == rows[0]["N"]
+    assert trimmed.draft.vocab_trim.size == rows[0]["N"]

@@ -1,1 +1,1 @@
-"""CLI subcommands, one module each (register(subparsers) + run(args))."""
+"""CLI subcommands, one module each: ``command`` is its click command (spectrt.cli lists them)."""

@@ -1,93 +1,118 @@
-"""spectrt bench DIR --prompts FILE"""
+"""`spectrt bench DIR [DIR ...]`: AR vs speculative decoding (and optionally transformers) on a prompt set."""
 from __future__ import annotations
 
-import argparse
+import click
+
+from spectrt.commands._common import IntRange, command, complete_profiles, write_json
+from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
+from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
 
 
-def register(sub) -> None:
-    from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
-    from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
+class VocabSizes(click.ParamType):
+    """``1000,4000,full`` -> [1000, 4000, "full"] ("full" = the untrimmed vocabulary)."""
 
-    p = sub.add_parser("bench", help="AR vs speculative decoding (and optionally transformers) on a prompt set",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("artifact", metavar="DIR", nargs="+",
-                   help="export(s); AR runs on the first, speculative decoding on each one with draft heads")
-    p.add_argument("--prompts", default=None, help="JSONL with 'prompt' or Spec-Bench 'turns' (default: bundled "
-                                                   "39-question Spec-Bench subset)")
-    p.add_argument("--stride", type=int, default=1, help="every K-th prompt (a spread over all categories)")
-    p.add_argument("--limit", type=int, default=None, help="at most N prompts (after --stride)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
-    p.add_argument("--tree", default=None, help="tree JSON (default: the export's)")
-    p.add_argument("--transformers", action="store_true",
-                   help="also time transformers' greedy generate on the source model (needs the export extra)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
-                   help="ort: ONNX Runtime graphs; trt: TensorRT engines from `spectrt build`")
-    p.add_argument("--profile", default=None, help="device profile the TensorRT engines were built for")
-    p.add_argument("--provider", choices=sorted(PROVIDERS), default=DEFAULT_PROVIDER)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the figures as JSON")
-    p.add_argument("--vocab-sweep", default=None, metavar="N,N,...",
-                   help="VocabTrim sweep: benchmark the draft LM head trimmed to each N ('full' = untrimmed)")
-    p.add_argument("--vocab", default=None, help="ranked vocab file for --vocab-sweep (spectrt calibrate vocab)")
-    p.add_argument("--sweep-dir", default=None, help="where the sweep's variant exports go (default: DIR.vocab-sweep)")
-    p.add_argument("--plot", default=None, metavar="PNG", help="coverage and tau vs N plot of the sweep")
-    p.set_defaults(func=run)
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        sizes = []
+        for s in str(value).split(","):
+            s = s.strip()
+            if s == "full":
+                sizes.append(s)
+            elif s.isdigit() and int(s) >= 1:
+                sizes.append(int(s))
+            else:
+                self.fail(f"takes sizes like 1000,4000,full, not '{value}'", param, ctx)
+        return sizes
 
 
-def run(args) -> int:
+def _export_facts(path: str) -> tuple[str, int]:
+    """(the source model for transformers, the vocabulary size) of an export: this command's only manifest read."""
+    from spectrt.runtime.artifact import load_artifact
+
+    model = load_artifact(path).model
+    return model.builtin or model.source, model.vocab
+
+
+@command("bench", short_help="AR vs speculative decoding (and optionally transformers) on a prompt set")
+@click.argument("artifact", metavar="DIR...", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--prompts", default=None, metavar="FILE", show_default="bundled 39-question Spec-Bench subset",
+              help="JSONL with 'prompt' or Spec-Bench 'turns'")
+@click.option("--stride", type=IntRange(min=1), default=1, metavar="K",
+              help="every K-th prompt (a spread over all categories)")
+@click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
+              help="at most N prompts (after --stride)")
+@click.option("-n", "--max-new-tokens", type=IntRange(min=1), default=128, metavar="N",
+              help="new tokens per prompt at most")
+@click.option("--tree", default=None, metavar="JSON", show_default="the export's", help="tree JSON")
+@click.option("--transformers", is_flag=True,
+              help="also time transformers' greedy generate on the source model (needs the export extra)")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=DEFAULT_BACKEND,
+              help="ort: ONNX Runtime graphs; trt: TensorRT engines from `spectrt build`")
+@click.option("--profile", default=None, shell_complete=complete_profiles,
+              help="device profile the TensorRT engines were built for")
+@click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default=DEFAULT_PROVIDER,
+              help="ONNX Runtime execution provider")
+@click.option("--threads", type=IntRange(min=1), default=None, show_default="all cores",
+              help="ONNX Runtime intra-op threads (and transformers' torch threads)")
+@click.option("--json", "json_out", default=None, metavar="OUT", help="write the figures as JSON")
+@click.option("--vocab-sweep", type=VocabSizes(), default=None,
+              help="VocabTrim sweep: benchmark the draft LM head trimmed to each N ('full' = untrimmed)")
+@click.option("--vocab", default=None, metavar="VOCAB.json",
+              help="ranked vocab file for --vocab-sweep (spectrt calibrate vocab)")
+@click.option("--sweep-dir", default=None, show_default="DIR.vocab-sweep", help="where the sweep's variant exports go")
+@click.option("--plot", default=None, metavar="PNG", help="coverage and tau vs N plot of the sweep")
+@click.pass_context
+def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, transformers, backend, profile, provider,
+            threads, json_out, vocab_sweep, vocab, sweep_dir, plot) -> int:
+    """Benchmark autoregressive decoding (on the first DIR) against speculative decoding with each DIR that
+    has draft heads, on the same prompts in one process, and check the outputs are identical.
+
+    Exit status 1 when a speculative output differs from the autoregressive one."""
+    if vocab_sweep and not vocab:
+        raise click.UsageError("--vocab-sweep needs --vocab VOCAB.json (ranked ids from `spectrt calibrate vocab`)",
+                               ctx)
+    if vocab_sweep and len(artifact) != 1:
+        raise click.UsageError("--vocab-sweep takes one export", ctx)
     from tqdm import tqdm
 
     from spectrt.calibration.prompts import DEFAULT_PROMPTS, load_prompt_records
-    from spectrt.runtime.bench import format_report, run_bench, write_json
-    from spectrt.runtime.errors import SpectrtError
-    from spectrt.runtime.manifest import load_artifact
+    from spectrt.runtime.bench import format_report, run_bench
     from spectrt.runtime.session import SessionConfig
 
-    if args.stride < 1:
-        raise SpectrtError(f"--stride must be at least 1, not {args.stride}")
-    records = load_prompt_records(args.prompts or DEFAULT_PROMPTS)[::args.stride][:args.limit]
+    records = load_prompt_records(prompts or DEFAULT_PROMPTS)[::stride][:limit]
+    if vocab_sweep:
+        return _sweep(artifact[0], records, vocab_sweep, vocab, sweep_dir, max_new_tokens, provider, threads, tree,
+                      json_out, plot)
     hf = None
-    if args.transformers:
+    if transformers:
         from spectrt.export.reference import HFGreedy
 
-        model = load_artifact(args.artifact[0]).model
-        hf = HFGreedy(model.get("builtin") or model["source"], args.threads)
-    if args.vocab_sweep:
-        return run_sweep(args, records)
-    config = SessionConfig(backend=args.backend, profile=args.profile, provider=args.provider, threads=args.threads, tree=args.tree)
-    report = run_bench(args.artifact, records, args.max_new_tokens, config, hf,
+        hf = HFGreedy(_export_facts(artifact[0])[0], threads)
+    config = SessionConfig(backend=backend, profile=profile, provider=provider, threads=threads, tree=tree)
+    report = run_bench(list(artifact), records, max_new_tokens, config, hf,
                        progress=lambda r: tqdm(r, desc="bench", unit="prompt"))
     print(format_report(report))
-    if args.json_out:
-        write_json(report, args.json_out)
+    if json_out:
+        write_json(report.to_json(), json_out)
     return 1 if report.mismatches else 0
 
 
-def run_sweep(args, records) -> int:
-    import json
-
-    from spectrt.calibration.vocab_sweep import format_rows, plot, sweep
-    from spectrt.runtime.errors import SpectrtError
-    from spectrt.runtime.manifest import load_artifact
+def _sweep(artifact, records, sizes, vocab, sweep_dir, max_new_tokens, provider, threads, tree, json_out, plot) -> int:
+    from spectrt.calibration.vocab_sweep import format_rows, plot as plot_rows, sweep
     from spectrt.runtime.session import SessionConfig
 
-    if not args.vocab:
-        raise SpectrtError("--vocab-sweep needs --vocab VOCAB.json (ranked ids from `spectrt calibrate vocab`)")
-    if len(args.artifact) != 1:
-        raise SpectrtError("--vocab-sweep takes one export")
-    artifact = args.artifact[0]
-    vocab = load_artifact(artifact).model["vocab"]
-    try:
-        sizes = [vocab if s.strip() == "full" else int(s) for s in args.vocab_sweep.split(",")]
-    except ValueError:
-        raise SpectrtError(f"--vocab-sweep takes sizes like 1000,4000,full, not '{args.vocab_sweep}'") from None
-    config = SessionConfig(provider=args.provider, threads=args.threads, tree=args.tree)
-    rows = sweep(artifact, args.vocab, sizes, records, args.max_new_tokens,
-                 args.sweep_dir or f"{artifact.rstrip('/')}.vocab-sweep", config)
+    if "full" in sizes:
+        full = _export_facts(artifact)[1]
+        sizes = [full if s == "full" else s for s in sizes]
+    config = SessionConfig(provider=provider, threads=threads, tree=tree)
+    rows = sweep(artifact, vocab, sizes, records, max_new_tokens, sweep_dir or f"{artifact.rstrip('/')}.vocab-sweep",
+                 config)
     print(format_rows(rows))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(rows, f, indent=2)
-    if args.plot:
-        plot(rows, args.plot)
+    if json_out:
+        write_json(rows, json_out)
+    if plot:
+        plot_rows(rows, plot)
     return 1 if any(r["mismatches"] for r in rows) else 0

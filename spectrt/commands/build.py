@@ -1,27 +1,26 @@
 """`spectrt build DIR --profile NAME`: TensorRT engines for a device (run it on the device)."""
 from __future__ import annotations
 
-import argparse
+import click
+
+from spectrt.commands._common import CommaList, command, complete_profiles, flatten
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("build", help="build TensorRT engines for a device profile (on the device)",
-                              description="Build one TensorRT engine per graph into DIR/engines/<graph>.<profile>."
-                                          "engine and record the build in DIR/manifest.json. Prints the equivalent "
-                                          "trtexec command lines.")
-    p.add_argument("dir", help="export directory (with manifest.json)")
-    p.add_argument("--profile", required=True, help="device profile name (spectrt profiles) or YAML path")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "fp8", "fp4"),
-                   help="engine precision (default: the profile's default_precision)")
-    p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache to reuse and update")
-    p.add_argument("--graphs", nargs="+", metavar="NAME", help="only these graphs (default: all)")
-    p.add_argument("--dry-run", action="store_true", help="only print the plan and trtexec commands (no TensorRT)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
+@command("build", short_help="build TensorRT engines for a device profile (on the device)")
+@click.argument("dir", type=click.Path(file_okay=False))
+@click.option("--profile", required=True, shell_complete=complete_profiles,
+              help="device profile name (spectrt devices) or YAML path")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8", "fp4"]), default=None,
+              show_default="the profile's default_precision", help="engine precision")
+@click.option("--timing-cache", default=None, metavar="FILE", help="TensorRT timing cache to reuse and update")
+@click.option("--graphs", type=CommaList(), multiple=True, show_default="all",
+              help="only these graphs (comma-separated, or the option repeated)")
+@click.option("--dry-run", is_flag=True, help="only print the plan and trtexec commands (no TensorRT)")
+def command(dir, profile, precision, timing_cache, graphs, dry_run) -> int:
+    """Build one TensorRT engine per graph of the export DIR into DIR/engines/<graph>.<profile>.engine and
+    record the build in DIR/manifest.json. Prints the equivalent trtexec command lines."""
     from spectrt.profiles.build import build_engines
 
-    build_engines(args.dir, args.profile, precision=args.precision, timing_cache=args.timing_cache,
-                  graphs=args.graphs, dry_run=args.dry_run)
+    build_engines(dir, profile, precision=precision, timing_cache=timing_cache, graphs=flatten(graphs),
+                  dry_run=dry_run)
     return 0

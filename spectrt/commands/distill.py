@@ -1,94 +1,95 @@
-"""`spectrt distill`: self-distill draft heads (Medusa) on the base model's own greedy responses."""
+"""`spectrt distill`: self-distill draft heads (Medusa, Hydra) on the base model's own greedy responses."""
 from __future__ import annotations
 
-import argparse
+import click
+
+from spectrt.calibration.distill import DistillConfig  # no torch at import time
+from spectrt.commands._common import FloatRange, IntRange, command
 
 HELP = "train draft heads by self-distillation on the base model's own responses"
+_D = DistillConfig()  # every default lives in DistillConfig (options left at None keep the architecture's own)
 
 
-def register(subparsers) -> None:
-    from spectrt.calibration.distill import DistillConfig  # no torch at import time
-
-    d = DistillConfig()
-    p = subparsers.add_parser("distill", help=HELP, description=HELP + ".")
-    # every default lives in DistillConfig: options left at None keep it (the [..] in the help shows it)
-    p.add_argument("-m", "--model", required=True, help="built-in name, HF directory or .gguf file")
-    p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' or Spec-Bench 'turns' field per line")
-    p.add_argument("-o", "--output", required=True, help="output heads directory")
-    p.add_argument("--arch", default=None, choices=["medusa", "hydra", "hydra++"],
-                   help=f"draft architecture: medusa, hydra (sequential heads) or hydra++ (+ prefix attention "
-                        f"layer, teacher loss) [{d.arch}]")
-    p.add_argument("--dropout", type=float, default=None, help="hydra heads' dropout [hydra 0, hydra++ 0.1]")
-    p.add_argument("--heads", type=int, default=None, help=f"number of heads K [{d.heads}]")
-    p.add_argument("--layers", type=int, default=None, help=f"ResBlocks per head [{d.layers}; hydra: 2]")
-    p.add_argument("--version", choices=["1", "2"], default=None,
-                   help=f"1: each head owns an LM head; 2: heads share the base LM head [{d.version}]")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts [all]")
-    p.add_argument("--max-new-tokens", type=int, default=None, help=f"greedy response length cap [{d.max_new_tokens}]")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs [{d.epochs}]")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW peak learning rate, cosine schedule [{d.lr:g}]")
-    p.add_argument("--batch-size", type=int, default=None, help=f"token positions per optimizer step [{d.batch_size}]")
-    p.add_argument("--gen-batch-size", type=int, default=None, help=f"prompts per generation batch [{d.gen_batch_size}]")
-    p.add_argument("--seed", type=int, default=None, help=f"random seed [{d.seed}]")
-    p.add_argument("--loss", choices=["lm", "teacher"], default=None,
-                   help="lm: cross-entropy on the base's greedy tokens; teacher: KL to the base's "
-                        f"next-token distribution [{d.loss}; hydra++: teacher]")
-    p.add_argument("--holdout", type=float, default=None, help=f"fraction of prompts held out for the accuracy report [{d.holdout}]")
-    p.add_argument("--cache", default=None, help="cache directory for generations and hidden states "
-                                                 "[$SPECTRT_CACHE/calibration]")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; 1 is much faster than 2 on a busy machine [torch default]")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the frozen LM-head matmuls of training in bfloat16 (~4x faster matmuls on CPUs "
-                        "with AMX) [on when the CPU has native bf16]")
-    p.add_argument("--fp32", action="store_true", help="save fp32 heads (default fp16)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-
-
-def config_from_args(args):
-    from spectrt.calibration.distill import DistillConfig
-
-    if getattr(args, "arch", None) in ("hydra", "hydra++"):
-        from spectrt.calibration.distill_hydra import HydraDistillConfig
-
-        cfg = HydraDistillConfig(arch=args.arch)
-        if getattr(args, "dropout", None) is not None:
-            cfg.dropout = args.dropout
-    else:
-        cfg = DistillConfig()
-    mapping = {"arch": "arch", "heads": "heads", "layers": "layers", "version": "version", "limit": "limit",
-               "max_new_tokens": "max_new_tokens", "epochs": "epochs", "lr": "lr", "batch_size": "batch_size",
-               "gen_batch_size": "gen_batch_size", "seed": "seed", "loss": "loss", "holdout": "holdout",
-               "cache": "cache_dir", "threads": "threads", "bf16": "bf16"}
-    for arg, attr in mapping.items():
-        value = getattr(args, arg, None)
-        if value is not None:
-            setattr(cfg, attr, value)
-    if args.fp32:
-        cfg.half = False
-    cfg.validate()
-    return cfg
-
-
-def run(args) -> int:
+@command("distill", short_help=HELP)
+@click.option("-m", "--model", required=True, help="built-in name, HF directory or .gguf file")
+@click.option("--prompts", required=True, metavar="FILE",
+              help="JSONL with a 'prompt' or Spec-Bench 'turns' field per line")
+@click.option("-o", "--output", required=True, metavar="DIR", help="output heads directory")
+@click.option("--arch", type=click.Choice(["medusa", "hydra", "hydra++"]), default=_D.arch,
+              help="draft architecture: medusa, hydra (sequential heads) or hydra++ (+ prefix attention layer, "
+                   "teacher loss)")
+@click.option("--dropout", type=FloatRange(0, 1, max_open=True), default=None, show_default="hydra 0, hydra++ 0.1",
+              help="hydra heads' dropout")
+@click.option("--heads", type=IntRange(min=1), default=_D.heads, metavar="K", help="number of heads K")
+@click.option("--layers", type=IntRange(min=0), default=None, show_default=f"{_D.layers}; hydra: 2",
+              help="ResBlocks per head")
+@click.option("--version", type=click.Choice(["1", "2"]), default=_D.version,
+              help="1: each head owns an LM head; 2: heads share the base LM head")
+@click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
+              help="use the first N prompts")
+@click.option("--max-new-tokens", type=IntRange(min=1), default=_D.max_new_tokens, help="greedy response length cap")
+@click.option("--epochs", type=IntRange(min=1), default=_D.epochs, help="training epochs")
+@click.option("--lr", type=FloatRange(min=0, min_open=True), default=_D.lr,
+              help="AdamW peak learning rate, cosine schedule")
+@click.option("--batch-size", type=IntRange(min=1), default=_D.batch_size, help="token positions per optimizer step")
+@click.option("--gen-batch-size", type=IntRange(min=1), default=_D.gen_batch_size, help="prompts per generation batch")
+@click.option("--seed", type=int, default=_D.seed, help="random seed")
+@click.option("--loss", type=click.Choice(["lm", "teacher"]), default=None, show_default=f"{_D.loss}; hydra++: teacher",
+              help="lm: cross-entropy on the base's greedy tokens; teacher: KL to the base's next-token distribution")
+@click.option("--holdout", type=FloatRange(0, 1, max_open=True), default=_D.holdout,
+              help="fraction of prompts held out for the accuracy report")
+@click.option("--cache", default=None, metavar="DIR", show_default="$SPECTRT_CACHE/calibration",
+              help="cache directory for generations and hidden states")
+@click.option("--threads", type=IntRange(min=1), default=None, show_default="torch's",
+              help="torch CPU threads; 1 is much faster than 2 on a busy machine")
+@click.option("--bf16/--no-bf16", default=None, show_default="on when the CPU has native bf16",
+              help="run the frozen LM-head matmuls of training in bfloat16 (~4x faster matmuls on CPUs with AMX)")
+@click.option("--fp32", is_flag=True, help="save the heads in fp32 instead of fp16")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
+def command(model, prompts, output, quiet, **options) -> int:
+    """Train draft heads for MODEL on a frozen base by self-distillation: the base answers the PROMPTS
+    greedily, the heads learn to predict its next tokens. Generations and hidden states are cached, so a
+    rerun with other training options is quick."""
     from spectrt.calibration.distill import distill
     from spectrt.calibration.prompts import load_prompts
     from spectrt.export.sources import load_hf, resolve_model
 
-    cfg = config_from_args(args)
-    prompts = load_prompts(args.prompts, cfg.limit)  # fail fast, before loading the model
+    cfg = config_from_options(**options)
+    texts = load_prompts(prompts, cfg.limit)  # fail fast, before loading the model
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    source = resolve_model(args.model)
-    model, tok = load_hf(source)
-    print(f"distilling {cfg.heads} {cfg.arch} v{cfg.version} heads for {args.model} on {len(prompts)} prompts "
-          f"({args.prompts})", flush=True)
+    source = resolve_model(model)
+    hf_model, tok = load_hf(source)
+    print(f"distilling {cfg.heads} {cfg.arch} v{cfg.version} heads for {model} on {len(texts)} prompts ({prompts})",
+          flush=True)
     if cfg.arch in ("hydra", "hydra++"):
         from spectrt.calibration.distill_hydra import distill_hydra
 
-        distill_hydra(model, tok, prompts, args.output, cfg, model_name=source.name, progress=not args.quiet)
+        distill_hydra(hf_model, tok, texts, output, cfg, model_name=source.name, progress=not quiet)
     else:
-        distill(model, tok, prompts, args.output, cfg, model_name=source.name, progress=not args.quiet)
+        distill(hf_model, tok, texts, output, cfg, model_name=source.name, progress=not quiet)
     return 0
+
+
+def config_from_options(arch: str = _D.arch, dropout: float | None = None, fp32: bool = False, cache=None,
+                        **options) -> DistillConfig:
+    """The DistillConfig (HydraDistillConfig for hydra, hydra++) of the command's options; None keeps a default."""
+    if arch in ("hydra", "hydra++"):
+        from spectrt.calibration.distill_hydra import HydraDistillConfig
+
+        cfg = HydraDistillConfig(arch=arch)
+        if dropout is not None:
+            cfg.dropout = dropout
+    else:
+        cfg = DistillConfig()
+    for name, value in {**options, "arch": arch, "cache_dir": cache}.items():
+        if not hasattr(cfg, name):
+            raise TypeError(f"DistillConfig has no field '{name}'")
+        if value is not None:
+            setattr(cfg, name, value)
+    if fp32:
+        cfg.half = False
+    cfg.validate()
+    return cfg

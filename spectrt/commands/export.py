@@ -1,43 +1,46 @@
-"""spectrt export -m MODEL -o DIR"""
+"""`spectrt export -m MODEL -o DIR`: a Hugging Face causal LM (and draft heads) to ONNX."""
 from __future__ import annotations
 
-import argparse
+import click
+
+from spectrt.commands._common import IntRange, command
+from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK
 
 
-def register(sub) -> None:
-    from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK
-
-    p = sub.add_parser("export", help="export a Hugging Face causal LM (and draft heads) to ONNX",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-m", "--model", default="smollm2-135m",
-                   help="HF model directory, .gguf file, or built-in name (smollm2-135m)")
-    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="KV cache length in tokens")
-    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the ORT-vs-torch checks")
-    p.add_argument("--heads", default=None,
-                   help="draft heads: a Medusa or Hydra dir/checkpoint, or 'builtin[:medusa|hydra]' = heads shipped "
-                        "for a built-in model (built-in models get their default shipped heads)")
-    p.add_argument("--no-heads", action="store_true", help="export the base model only")
-    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="candidates per head from the draft LM head")
-    p.add_argument("--tree", default=None,
-                   help="tree: 'cpu' (2 nodes, default), 'gpu' (64), a node count, or a JSON file of top-k rank paths; "
-                        "sizes are filled with the best paths for the heads' measured accuracies")
-    p.add_argument("--vocab", default=None, help="VocabTrim file (spectrt calibrate vocab) for the draft LM head")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="keep the top N tokens (of --vocab, or calibrated on the bundled prompts)")
-    p.add_argument("--full-vocab", action="store_true",
-                   help="no VocabTrim (built-in models otherwise get their bundled ranking and default N)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
+@command("export", short_help="export a Hugging Face causal LM (and draft heads) to ONNX")
+@click.option("-m", "--model", default="smollm2-135m",
+              help="HF model directory, .gguf file, or built-in name (smollm2-135m)")
+@click.option("-o", "--output", required=True, metavar="DIR", help="output directory (written atomically)")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", help="weights and activations")
+@click.option("--opset", type=IntRange(13, 20), default=DEFAULT_OPSET,
+              help="ONNX opset (TensorRT 10.x parses up to 20; 17 suits JetPack 6's TensorRT 10.3)")
+@click.option("--max-context", type=IntRange(min=2), default=DEFAULT_MAX_CONTEXT, help="KV cache length in tokens")
+@click.option("--validate/--no-validate", default=True,
+              help="check the ONNX Runtime graphs against torch (--no-validate skips the checks)")
+@click.option("--heads", default=None,
+              help="draft heads: a Medusa or Hydra dir/checkpoint, or 'builtin[:medusa|hydra]' = heads shipped "
+                   "for a built-in model (built-in models get their default shipped heads)")
+@click.option("--no-heads", is_flag=True, help="export the base model only")
+@click.option("--topk", type=IntRange(min=1), default=DEFAULT_TOPK, help="candidates per head from the draft LM head")
+@click.option("--tree", default=None, show_default="cpu",
+              help="tree: 'cpu' (2 nodes), 'gpu' (64), a node count, or a JSON file of top-k rank paths; sizes are "
+                   "filled with the best paths for the heads' measured accuracies")
+@click.option("--vocab", default=None, metavar="VOCAB.json",
+              help="VocabTrim file (spectrt calibrate vocab) for the draft LM head")
+@click.option("--vocab-size", type=IntRange(min=1), default=None, metavar="N",
+              help="keep the top N tokens (of --vocab, or calibrated on the bundled prompts)")
+@click.option("--full-vocab", is_flag=True,
+              help="no VocabTrim (built-in models otherwise get their bundled ranking and default N)")
+def command(model, output, dtype, opset, max_context, validate, heads, no_heads, topk, tree, vocab, vocab_size,
+            full_vocab) -> int:
+    """Export MODEL to DIR: base.onnx (+ heads.onnx, draft_lm_head.onnx), the tokenizer and manifest.json,
+    validated against transformers unless --no-validate."""
+    from spectrt.calibration.vocab import default_vocab
     from spectrt.export.exporter import ExportOptions, export_model
 
-    options = ExportOptions(dtype=args.dtype, opset=args.opset, max_context=args.max_context, validate=args.validate,
-                            heads=args.heads, no_heads=args.no_heads, topk=args.topk, tree=args.tree,
-                            vocab=args.vocab, vocab_size=args.vocab_size, full_vocab=args.full_vocab)
-    out = export_model(args.model, args.output, options)
+    options = ExportOptions(dtype=dtype, opset=opset, max_context=max_context, validate=validate, heads=heads,
+                            no_heads=no_heads, topk=topk, tree=tree, vocab=vocab, vocab_size=vocab_size,
+                            full_vocab=full_vocab, calibrate_vocab=default_vocab)
+    out = export_model(model, output, options)
     print(f"exported to {out}")
     return 0

@@ -1,48 +1,52 @@
-"""spectrt generate DIR -p PROMPT"""
+"""`spectrt generate DIR -p PROMPT`: greedy generation from an export (streamed, or --json stats)."""
 from __future__ import annotations
 
-import argparse
+import click
+
+from spectrt.commands._common import IntRange, command, complete_profiles, to_json
+from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
+from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_NEW_TOKENS
 
 
-def register(sub) -> None:
-    from spectrt.runtime.session import DEFAULT_MAX_NEW_TOKENS
-    from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
-    from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
-
-    p = sub.add_parser("generate", help="greedy generation from an exported directory",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("artifact", metavar="DIR", help="output of `spectrt export`")
-    p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--mode", choices=["spec", "ar"], default=None,
-                   help="speculative or autoregressive (default: spec when the export has draft heads)")
-    p.add_argument("--tree", default=None, help="tree JSON (lists of top-k rank paths); default: the export's")
-    p.add_argument("--no-chat", dest="chat", action="store_false", help="raw prompt, no chat template")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
-                   help="ort: ONNX Runtime graphs; trt: TensorRT engines from `spectrt build`")
-    p.add_argument("--profile", default=None, help="device profile the TensorRT engines were built for")
-    p.add_argument("--provider", choices=sorted(PROVIDERS), default=DEFAULT_PROVIDER, help="ONNX Runtime provider")
-    p.add_argument("--max-context", type=int, default=None, help="cap the KV cache (default: the export's)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--json", action="store_true", help="print machine-readable stats instead of streaming text")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    import json
+@command("generate", short_help="greedy generation from an exported directory")
+@click.argument("artifact", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("-p", "--prompt", required=True,
+              help="the prompt text (wrapped in the export's chat template unless --no-chat)")
+@click.option("-n", "--max-new-tokens", type=IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+              help="generate at most N new tokens (fewer at an end-of-sequence token or the context limit)")
+@click.option("--mode", type=click.Choice(["spec", "ar"]), default=None,
+              show_default="spec when the export has draft heads", help="speculative or autoregressive decoding")
+@click.option("--tree", default=None, metavar="JSON", show_default="the export's",
+              help="tree JSON (lists of top-k rank paths)")
+@click.option("--chat/--no-chat", default=True, help="wrap the prompt in the chat template (--no-chat: raw prompt)")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=DEFAULT_BACKEND,
+              help="ort: ONNX Runtime graphs; trt: TensorRT engines from `spectrt build`")
+@click.option("--profile", default=None, shell_complete=complete_profiles,
+              help="device profile the TensorRT engines were built for")
+@click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default=DEFAULT_PROVIDER,
+              help="ONNX Runtime execution provider")
+@click.option("--max-context", type=IntRange(min=1), default=None, show_default="the export's",
+              help="cap the KV cache (tokens)")
+@click.option("--threads", type=IntRange(min=1), default=None, show_default="all cores",
+              help="ONNX Runtime intra-op threads")
+@click.option("--json", "json_out", is_flag=True, help="print machine-readable stats instead of streaming text")
+def command(artifact, prompt, max_new_tokens, mode, tree, chat, backend, profile, provider, max_context, threads,
+            json_out) -> int:
+    """Greedy generation from DIR, the output of `spectrt export`: speculative decoding with the export's
+    draft heads, or autoregressive. Streams the text to stdout, or prints one JSON object with --json."""
     import sys
 
     from spectrt.runtime.session import SessionConfig, SpecSession
 
-    config = SessionConfig(backend=args.backend, profile=args.profile, provider=args.provider, max_context=args.max_context, threads=args.threads,
-                           mode=args.mode, tree=args.tree)
-    with SpecSession(args.artifact, config) as session:
-        ids = session.codec.encode(args.prompt, chat=args.chat)
-        if args.json:
-            res = session.generate(ids, args.max_new_tokens)
-            print(json.dumps({**res.stats(), "mode": session.mode, "text": session.codec.decode(res.tokens)}))
+    config = SessionConfig(backend=backend, profile=profile, provider=provider, max_context=max_context,
+                           threads=threads, mode=mode, tree=tree)
+    with SpecSession(artifact, config) as session:
+        ids = session.codec.encode(prompt, chat=chat)
+        if json_out:
+            res = session.generate(ids, max_new_tokens)
+            print(to_json({**res.stats(), "mode": session.mode, "text": session.codec.decode(res.tokens)}))
         else:
-            res = session.generate(ids, args.max_new_tokens, stream=sys.stdout.write)
+            res = session.generate(ids, max_new_tokens, stream=sys.stdout.write)
             sys.stdout.write("\n")
             if res.stop_reason == "context":
                 print(f"[stopped: context limit of {session.max_context} tokens reached]", file=sys.stderr)

@@ -1,0 +1,166 @@
+"""What every `spectrt` subcommand shares: the command class that turns SpectrtError into one line and
+exit status 2, range-checked number types with plain messages, option completion, strict JSON.
+
+Only click and the standard library are imported here (the runtime's errors module aside): loading a
+command never loads torch, transformers or onnx.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import click
+
+from spectrt.runtime.errors import SpectrtError
+
+
+def one_line(message) -> str:
+    """``message`` with its line breaks (and the indentation after them) folded into single spaces."""
+    return re.sub(r"\s*\n\s*", " ", str(message)).strip()
+
+
+class CommandFailed(click.ClickException):
+    """A command stopped on a user-facing error: printed as one line to stderr, no traceback."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(self.message, file=file, err=True)
+
+
+class SpectrtCommand(click.Command):
+    """A subcommand: SpectrtError -> `spectrt <command>: error: <message>` (exit 2); Ctrl-C -> exit 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SpectrtError as e:
+            raise CommandFailed(f"{ctx.command_path}: error: {one_line(e)}") from e
+        except KeyboardInterrupt:
+            raise CommandFailed(f"{ctx.command_path}: interrupted", 130) from None
+
+
+class SpectrtGroup(click.Group):
+    """A group run without a subcommand prints its help to stderr and exits 2 (as click >= 8.2 does; 8.1
+    exited 0)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            click.echo(ctx.get_help(), err=True, color=ctx.color)
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
+
+
+def command(name: str, **kwargs):
+    """``click.command`` with :class:`SpectrtCommand` and defaults shown in the help."""
+    kwargs.setdefault("context_settings", {}).setdefault("show_default", True)
+    return click.command(name, cls=SpectrtCommand, **kwargs)
+
+
+# ----------------------------------------------------------------------------- ranged numbers
+
+class OutOfRange(click.BadParameter):
+    """``--heads must be at least 1, not 0``: the message names the option, no "Invalid value for" prefix."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def _option_name(param) -> str:
+    opts = getattr(param, "opts", None) or [getattr(param, "human_readable_name", "value")]
+    return "/".join(opts)
+
+
+def _bounds(r) -> str:
+    lo, hi = r.min, r.max
+    if hi is None:
+        return f"{'greater than' if r.min_open else 'at least'} {lo}"
+    if lo is None:
+        return f"{'less than' if r.max_open else 'at most'} {hi}"
+    return f"in {'(' if r.min_open else '['}{lo}, {hi}{')' if r.max_open else ']'}"
+
+
+class _RangeMixin:
+    base: click.ParamType
+
+    def convert(self, value, param, ctx):
+        number = self.base.convert(value, param, ctx)  # not a number: click's own message
+        lo_bad = self.min is not None and (number <= self.min if self.min_open else number < self.min)
+        hi_bad = self.max is not None and (number >= self.max if self.max_open else number > self.max)
+        if lo_bad or hi_bad:
+            raise OutOfRange(f"{_option_name(param)} must be {_bounds(self)}, not {value}", ctx, param)
+        return number
+
+
+class IntRange(_RangeMixin, click.IntRange):
+    """click.IntRange (the help shows ``x>=1``) whose error reads ``--stride must be at least 1, not 0``."""
+
+    base = click.INT
+
+
+class FloatRange(_RangeMixin, click.FloatRange):
+    base = click.FLOAT
+
+
+class CommaList(click.ParamType):
+    """``a,b`` -> ["a", "b"]; with ``multiple=True`` the option may also repeat (see :func:`flatten`)."""
+
+    name = "NAME[,NAME...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            self.fail("needs at least one name", param, ctx)
+        return items
+
+
+def flatten(lists) -> list[str] | None:
+    """The values of a ``multiple=True`` CommaList option, or None when it was not given."""
+    return [v for part in lists for v in part] or None
+
+
+def complete_profiles(ctx, param, incomplete: str):
+    """Shell completion of device profile names."""
+    from spectrt.profiles import list_profiles
+
+    return [n for n in list_profiles() if n.startswith(incomplete)]
+
+
+# ----------------------------------------------------------------------------- strict JSON
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _scalar(obj):
+    if hasattr(obj, "item"):  # numpy scalars
+        return _finite(obj.item())
+    if hasattr(obj, "tolist"):  # numpy arrays
+        return _finite(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def to_json(obj, indent: int | None = None) -> str:
+    """RFC 8259 JSON: NaN and +-Infinity become null (Python's json would write bare NaN/Infinity)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False, default=_scalar)
+
+
+def write_json(obj, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(obj, indent=2) + "\n")
+    return path

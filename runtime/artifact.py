@@ -26,6 +26,7 @@ from spectrt.runtime.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # the manifest schema below; 1 was the untyped dict of spectrt 0.1
+MAX_CONTEXT_LIMIT = 1 << 20  # tokens; a KV cache beyond this is a damaged manifest, not a model
 
 
 class Invalid(ValueError):
@@ -264,8 +265,8 @@ class Manifest:
     def _validate(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
             raise Invalid(f"dtype: '{self.dtype}' is not one of {', '.join(FLOAT_DTYPES)}")
-        if self.max_context < 2:
-            raise Invalid(f"max_context: must be >= 2, got {self.max_context}")
+        if not 2 <= self.max_context <= MAX_CONTEXT_LIMIT:
+            raise Invalid(f"max_context: must be in 2..{MAX_CONTEXT_LIMIT}, got {self.max_context}")
         if "base" not in self.graphs:
             raise Invalid("graphs: no 'base' graph")
         for name, g in self.graphs.items():

@@ -57,6 +57,8 @@ def _export_facts(path: str) -> tuple[str, int]:
               help="ONNX Runtime execution provider")
 @click.option("--threads", type=IntRange(min=1), default=None, show_default="all cores",
               help="ONNX Runtime intra-op threads (and transformers' torch threads)")
+@click.option("--verify", is_flag=True,
+              help="re-hash every file against the manifest's sha256 first (sizes are always checked)")
 @click.option("--json", "json_out", default=None, metavar="OUT", help="write the figures as JSON")
 @click.option("--vocab-sweep", type=VocabSizes(), default=None,
               help="VocabTrim sweep: benchmark the draft LM head trimmed to each N ('full' = untrimmed)")
@@ -66,7 +68,7 @@ def _export_facts(path: str) -> tuple[str, int]:
 @click.option("--plot", default=None, metavar="PNG", help="coverage and tau vs N plot of the sweep")
 @click.pass_context
 def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, transformers, backend, profile, provider,
-            threads, json_out, vocab_sweep, vocab, sweep_dir, plot) -> int:
+            threads, verify, json_out, vocab_sweep, vocab, sweep_dir, plot) -> int:
     """Benchmark autoregressive decoding (on the first DIR) against speculative decoding with each DIR that
     has draft heads, on the same prompts in one process, and check the outputs are identical.
 
@@ -91,7 +93,8 @@ def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, transfo
         from spectrt.export.reference import HFGreedy
 
         hf = HFGreedy(_export_facts(artifact[0])[0], threads)
-    config = SessionConfig(backend=backend, profile=profile, provider=provider, threads=threads, tree=tree)
+    config = SessionConfig(backend=backend, profile=profile, provider=provider, threads=threads, tree=tree,
+                           verify=verify)
     report = run_bench(list(artifact), records, max_new_tokens, config, hf,
                        progress=lambda r: tqdm(r, desc="bench", unit="prompt"))
     print(format_report(report))

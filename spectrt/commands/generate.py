@@ -29,9 +29,11 @@ from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_NEW_T
               help="cap the KV cache (tokens)")
 @click.option("--threads", type=IntRange(min=1), default=None, show_default="all cores",
               help="ONNX Runtime intra-op threads")
+@click.option("--verify", is_flag=True,
+              help="re-hash every file against the manifest's sha256 first (sizes are always checked)")
 @click.option("--json", "json_out", is_flag=True, help="print machine-readable stats instead of streaming text")
 def command(artifact, prompt, max_new_tokens, mode, tree, chat, backend, profile, provider, max_context, threads,
-            json_out) -> int:
+            verify, json_out) -> int:
     """Greedy generation from DIR, the output of `spectrt export`: speculative decoding with the export's
     draft heads, or autoregressive. Streams the text to stdout, or prints one JSON object with --json."""
     import sys
@@ -39,7 +41,7 @@ def command(artifact, prompt, max_new_tokens, mode, tree, chat, backend, profile
     from spectrt.runtime.session import SessionConfig, SpecSession
 
     config = SessionConfig(backend=backend, profile=profile, provider=provider, max_context=max_context,
-                           threads=threads, mode=mode, tree=tree)
+                           threads=threads, mode=mode, tree=tree, verify=verify)
     with SpecSession(artifact, config) as session:
         ids = session.codec.encode(prompt, chat=chat)
         if json_out:

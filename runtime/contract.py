@@ -60,6 +60,7 @@ class GraphSpec:
     per_layer_inputs: tuple = field(default=())  # expanded once per KV layer
     per_layer_outputs: tuple = field(default=())
     kv_layers: str | int = 0  # KV layers: a model dim name ("num_layers") or a count (0: stateless graph)
+    files: str = ""  # the files an export writes under this spec (default: <name>.onnx)
 
     def num_kv_layers(self, dims: dict) -> int:
         return dims[self.kv_layers] if isinstance(self.kv_layers, str) else self.kv_layers
@@ -127,6 +128,8 @@ DRAFT_LM_HEAD = GraphSpec(
         TensorSpec("topk_scores", ("batch", "heads", "topk"), MODEL_DTYPE, "logits of those ids", atol=1e-3),
     ),
     dynamic=("batch",),
+    files="`draft_lm_head.onnx` (Medusa; Hydra heads sharing the base LM head), or `hydra_lm_head.{i}.onnx` "
+          "per Hydra head with its own LM head",
 )
 
 # Hydra head i (one graph per head, ``hydra_head.{i}.onnx``): context state + input embeddings of the path
@@ -143,6 +146,7 @@ HYDRA_HEAD = GraphSpec(
     ),
     outputs=(TensorSpec("head_features", ("batch", "heads", "hidden"), MODEL_DTYPE, "features (heads = 1)", atol=1e-3),),
     dynamic=("batch",),
+    files="`hydra_head.{i}.onnx`, one per head i (its `depth` is i + 1)",
 )
 
 # Hydra++ prefix attention: one decoder layer over the base hidden states, KV cache under the BASE layout.
@@ -188,10 +192,12 @@ def describe() -> str:
     """The contract as Markdown tables (used to generate docs/CONTRACT.md)."""
     lines = [f"# spectrt I/O contract v{CONTRACT_VERSION}", "", __doc__.strip(), ""]
     for g in GRAPHS.values():
-        lines += [f"## `{g.name}.onnx`", "", f"Dynamic dims: {', '.join(g.dynamic)}", "",
+        kv = f"; KV layers: {g.kv_layers}" if g.kv_layers else ""
+        lines += [f"## `{g.name}`", "", f"Files: {g.files or f'`{g.name}.onnx`'}. Dynamic dims: {', '.join(g.dynamic)}"
+                  f"{kv}. Fixed dims (recorded per graph in the manifest): {', '.join(sorted(g.fixed_dims()))}", "",
                   "| io | name | shape | dtype | atol | meaning |", "|---|---|---|---|---|---|"]
         rows = [("in", s) for s in g.inputs] + [("in", s) for s in g.per_layer_inputs]
-        rows += [("out", s) for s in g.outputs] + [("out", s) for s in g.per_layer_outputs]
+        rows += [("out", s) for s in g.outputs] + [("out", s) for s in g.per_layer_outputs]  # {layer}: 0 .. KV layers - 1
         for io, s in rows:
             shape = "[" + ", ".join(map(str, s.shape)) + "]"
             lines.append(f"| {io} | `{s.name}` | `{shape}` | {s.dtype} | {s.atol or ''} | {s.doc} |")

@@ -25,6 +25,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spectrt.calibration.generations import (default_cache_dir, default_generations_path, generate_responses,
+                                             model_fingerprint)
+from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
 from spectrt.export.files import staged
 from spectrt.runtime.errors import SpectrtError
 
@@ -390,7 +393,6 @@ def format_report(report: dict) -> str:
 def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str = "", progress: bool = True,
                     log=print, fingerprint: str | None = None, timings: dict | None = None) -> dict:
     """Train heads on ``[(prompt_ids, response_ids)]`` and write them (+ report.json) to ``out_dir``."""
-    from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
 
     out_dir, fingerprint, cache_dir, train_idx, held_idx = training_setup(model, samples, out_dir, cfg, fingerprint)
     timings = dict(timings or {})
@@ -466,7 +468,6 @@ def training_setup(model, samples, out_dir, cfg, fingerprint: str | None):
     train_idx, held_idx)."""
     import torch
 
-    from spectrt.calibration.generations import model_fingerprint
 
     cfg.validate()
     out_dir = Path(out_dir).expanduser()
@@ -490,7 +491,6 @@ def publish_heads(save, heads, out_dir: Path, report: dict, **save_kwargs) -> No
 
 
 def _default_cache_dir() -> Path:
-    from spectrt.calibration.generations import default_cache_dir
 
     return default_cache_dir()
 
@@ -510,7 +510,6 @@ def base_responses(model, tok, prompts: list[str], cfg, progress: bool = True, l
     """
     import torch
 
-    from spectrt.calibration.generations import default_generations_path, generate_responses, model_fingerprint
 
     cfg.validate()
     if cfg.threads:

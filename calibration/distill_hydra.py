@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass
 
 from spectrt.calibration.distill import (DistillConfig, LOSSES, format_report, lm_head_dtype, optimizer_step,
                                          publish_heads)
+from spectrt.calibration.distill import base_responses, response_rows, sequence_hidden, training_setup
+from spectrt.export.families import rope_tables
+from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
 from spectrt.runtime.errors import SpectrtError
 
 HYDRA_ARCHS = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -72,7 +75,6 @@ class SeqData:
 def load_data(model, samples, cache_dir, fingerprint, cfg, full: bool, progress=True, log=print) -> SeqData:
     """Hidden states from the shared ``sequence_hidden`` cache; ``full``: every position from 0 (Hydra++'s
     prefix layer reads the whole context), else only the response rows (Hydra, like Medusa)."""
-    from spectrt.calibration.distill import response_rows, sequence_hidden
 
     hs = sequence_hidden(model, samples, cache_dir, fingerprint, cfg.hidden_batch_tokens, progress, log)
     if full:
@@ -235,9 +237,6 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
                           progress: bool = True, log=print, fingerprint: str | None = None,
                           timings: dict | None = None) -> dict:
     """Train Hydra/Hydra++ heads on ``[(prompt_ids, response_ids)]``; writes heads + report.json to ``out_dir``."""
-    from spectrt.calibration.distill import training_setup
-    from spectrt.export.families import rope_tables
-    from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
 
     out_dir, fingerprint, cache_dir, train_idx, held_idx = training_setup(model, samples, out_dir, cfg, fingerprint)
     timings = dict(timings or {})
@@ -290,7 +289,6 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
 def distill_hydra(model, tok, prompts: list[str], out_dir, cfg: HydraDistillConfig, model_name: str = "",
                   progress: bool = True, log=print) -> dict:
     """Greedy responses (the shared cache) -> hidden states (cached) -> trained Hydra heads in ``out_dir``."""
-    from spectrt.calibration.distill import base_responses
 
     samples, fingerprint, timings = base_responses(model, tok, prompts, cfg, progress, log)
     return distill_hydra_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings)

@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+from spectrt.export.sources import cache_root
 from spectrt.runtime.errors import SpectrtError
 
 
@@ -44,7 +45,6 @@ def model_fingerprint(model) -> str:
 
 def default_cache_dir() -> Path:
     """``$SPECTRT_CACHE/calibration`` (default ``~/.cache/spectrt/calibration``)."""
-    from spectrt.export.sources import cache_root
 
     return cache_root() / "calibration"
 

@@ -12,26 +12,43 @@ import spectrt
 from spectrt.runtime.errors import SpectrtError
 
 
-def _prompt_of(record, path: Path, lineno: int) -> str:
+_EXPECTED = "expected one JSON object per line with a 'prompt' string or a Spec-Bench 'turns' list of strings"
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _prompt_of(record, path: Path, lineno: int) -> tuple[str | None, str]:
+    """(category, prompt) of one parsed JSONL line, or a ``FILE:LINE: ...`` SpectrtError."""
     if not isinstance(record, dict):
-        raise SpectrtError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        raise SpectrtError(f"{path}:{lineno}: got a JSON {_json_type(record)}; {_EXPECTED}")
     if "prompt" in record:
         prompt = record["prompt"]
         field = "prompt"
     elif "turns" in record:
         turns = record["turns"]
         if not isinstance(turns, list) or not turns:
-            raise SpectrtError(f"{path}:{lineno}: 'turns' must be a non-empty list of strings")
+            raise SpectrtError(f"{path}:{lineno}: 'turns' must be a non-empty list of strings, "
+                               f"got {'an empty array' if turns == [] else 'a JSON ' + _json_type(turns)}")
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, str):
+                raise SpectrtError(f"{path}:{lineno}: 'turns' must be a non-empty list of strings, "
+                                   f"turns[{i}] is a JSON {_json_type(turn)}")
         prompt = turns[0]
         field = "turns[0]"
     else:
         keys = ", ".join(sorted(record)) or "none"
         raise SpectrtError(f"{path}:{lineno}: no 'prompt' or 'turns' field (fields: {keys})")
     if not isinstance(prompt, str):
-        raise SpectrtError(f"{path}:{lineno}: '{field}' must be a string, got {type(prompt).__name__}")
+        raise SpectrtError(f"{path}:{lineno}: '{field}' must be a string, got a JSON {_json_type(prompt)}")
     if not prompt.strip():
         raise SpectrtError(f"{path}:{lineno}: empty '{field}'")
-    return prompt
+    category = record.get("category")
+    if category is not None and not isinstance(category, str):
+        raise SpectrtError(f"{path}:{lineno}: 'category' must be a string, got a JSON {_json_type(category)}")
+    return category, prompt
 
 
 def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
@@ -48,7 +65,7 @@ def load_prompt_records(path: str | os.PathLike, limit: int | None = None) -> li
         raise SpectrtError(f"{path}: no such prompts file" if not path.exists() else f"{path}: not a file")
     prompts: list[tuple[str | None, str]] = []
     try:
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # tolerate a BOM
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -57,7 +74,7 @@ def load_prompt_records(path: str | os.PathLike, limit: int | None = None) -> li
                 except json.JSONDecodeError as e:
                     raise SpectrtError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected JSONL with a "
                                        "'prompt' or 'turns' field per line") from None
-                prompts.append((record.get("category"), _prompt_of(record, path, lineno)))
+                prompts.append(_prompt_of(record, path, lineno))
                 if limit is not None and len(prompts) >= limit:
                     break
     except UnicodeDecodeError:
@@ -65,7 +82,7 @@ def load_prompt_records(path: str | os.PathLike, limit: int | None = None) -> li
     except OSError as e:
         raise SpectrtError(f"{path}: cannot read ({e.strerror or e})") from None
     if not prompts:
-        raise SpectrtError(f"{path}: no prompts")
+        raise SpectrtError(f"{path}: no prompts (the file is empty or blank; {_EXPECTED})")
     return prompts
 
 

@@ -5,31 +5,16 @@ KV heads (Qwen2 adds q/k/v biases), a SiLU-gated MLP. A family is a row of data,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
+from spectrt.runtime.artifact import DecoderDims
 from spectrt.runtime.errors import SpectrtError
 
 # model_type -> family name (all share the same decoder layout)
 FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 SUPPORTED_ACTIVATIONS = ("silu",)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
-
-
-@dataclass(frozen=True)
-class DecoderDims:
-    family: str
-    hidden: int
-    num_layers: int
-    num_heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    rms_eps: float
-    tied_embeddings: bool
-    sliding_window: int | None
 
 
 def decoder_dims(config) -> DecoderDims:

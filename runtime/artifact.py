@@ -40,8 +40,8 @@ def _positive(obj, *names: str) -> None:
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """The decoder's dims (from the source config) and where it came from."""
+class DecoderDims:
+    """A supported decoder's dims (the exporter reads them from the Hugging Face config)."""
 
     family: str
     hidden: int
@@ -54,6 +54,12 @@ class ModelInfo:
     rms_eps: float
     tied_embeddings: bool
     sliding_window: int | None
+
+
+@dataclass(frozen=True)
+class ModelInfo(DecoderDims):
+    """The decoder's dims and where it came from."""
+
     source: str
     builtin: str | None = None
 
@@ -536,7 +542,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
             tmp.unlink()
 
 
-__all__ = ["Artifact", "DraftInfo", "EmbeddingRef", "EngineRecord", "FileRecord", "FORMAT_VERSION", "GraphRecord",
+__all__ = ["Artifact", "DecoderDims", "DraftInfo", "EmbeddingRef", "EngineRecord", "FileRecord", "FORMAT_VERSION", "GraphRecord",
            "Invalid", "MANIFEST", "Manifest", "ModelInfo", "OptimizationProfileRecord", "TokenizerInfo",
            "ValidationRow", "VocabTrimInfo", "atomic_write", "engine_key", "file_record", "load_artifact",
            "parse_manifest", "sha256_file", "write_manifest"]

@@ -29,56 +29,8 @@ from spectrt.calibration.generations import (default_cache_dir, default_generati
                                              model_fingerprint)
 from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
 from spectrt.export.files import staged
+from spectrt.calibration.config import LOSSES, DistillConfig
 from spectrt.runtime.errors import SpectrtError
-
-# torch is imported inside the functions: the CLI reads DistillConfig's defaults without loading torch.
-
-LOSSES = ("lm", "teacher")
-
-
-@dataclass
-class DistillConfig:
-    """Every default of ``spectrt distill`` lives here."""
-
-    arch: str = "medusa"
-    heads: int = 3
-    layers: int = 1
-    version: str = "2"
-    limit: int | None = None  # number of prompts taken from the file (first N)
-    max_new_tokens: int = 128
-    epochs: int = 2
-    lr: float = 1e-3
-    batch_size: int = 256  # token positions per optimizer step
-    gen_batch_size: int = 16  # prompts per generate() batch
-    hidden_batch_tokens: int = 4096  # tokens per forward pass when caching hidden states
-    seed: int = 0
-    loss: str = "lm"  # chosen by measurement, see the module docstring of this file's report
-    decay: float = 0.8  # head k's loss weight is decay**k
-    weight_decay: float = 0.0
-    warmup: float = 0.05  # fraction of steps with linear LR warm-up
-    holdout: float = 0.05  # fraction of prompts held out for the accuracy report (at least 1)
-    half: bool = True  # save the heads as fp16
-    cache_dir: str | None = None  # default: $SPECTRT_CACHE/calibration (generations + hidden states)
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
-    bf16: bool | None = None  # frozen LM-head matmuls in bfloat16 (None: when the CPU has native bf16)
-
-    def validate(self) -> None:
-        if self.arch != "medusa":
-            raise SpectrtError(f"unsupported draft architecture '{self.arch}' (supported: medusa)")
-        if str(self.version) not in ("1", "2"):
-            raise SpectrtError(f"--version must be 1 or 2, not {self.version}")
-        if self.loss not in LOSSES:
-            raise SpectrtError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss}")
-        for name in ("heads", "epochs", "max_new_tokens", "batch_size", "gen_batch_size"):
-            if getattr(self, name) < 1:
-                raise SpectrtError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.layers < 0:
-            raise SpectrtError("--layers must be at least 0")
-        if not self.lr > 0:
-            raise SpectrtError("--lr must be positive")
-        if not 0 <= self.holdout < 1:
-            raise SpectrtError("holdout must be a fraction in [0, 1)")
-
 
 # ---------------------------------------------------------------------------------------- data
 

@@ -20,43 +20,12 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-from spectrt.calibration.distill import (DistillConfig, LOSSES, format_report, lm_head_dtype, optimizer_step,
-                                         publish_heads)
-from spectrt.calibration.distill import base_responses, response_rows, sequence_hidden, training_setup
+from spectrt.calibration.config import HYDRA_ARCHS, HydraDistillConfig
+from spectrt.calibration.distill import (base_responses, format_report, lm_head_dtype, optimizer_step, publish_heads,
+                                         response_rows, sequence_hidden, training_setup)
 from spectrt.export.families import rope_tables
 from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
 from spectrt.runtime.errors import SpectrtError
-
-HYDRA_ARCHS = {"hydra": "mlp", "hydra++": "prefix-mlp"}
-
-
-@dataclass
-class HydraDistillConfig(DistillConfig):
-    arch: str = "hydra"
-    layers: int = 2  # blocks per head (the first, input-reducing block included)
-    loss: str | None = None  # None: lm for hydra, teacher for hydra++
-    dropout: float | None = None  # None: 0 for hydra, 0.1 for hydra++
-
-    def validate(self) -> None:
-        if self.arch not in HYDRA_ARCHS:
-            raise SpectrtError(f"unsupported draft architecture '{self.arch}' (supported: medusa, "
-                               f"{', '.join(HYDRA_ARCHS)})")
-        if self.loss is None:
-            self.loss = "teacher" if self.arch == "hydra++" else "lm"
-        if self.dropout is None:
-            self.dropout = 0.1 if self.arch == "hydra++" else 0.0
-        if self.layers < 1:
-            raise SpectrtError("--layers must be at least 1 for hydra heads")
-        if not 0 <= self.dropout < 1:
-            raise SpectrtError("--dropout must be in [0, 1)")
-        arch, layers = self.arch, self.layers
-        self.arch, self.layers = "medusa", max(layers, 0)  # the shared checks of the Medusa config
-        try:
-            DistillConfig.validate(self)
-        finally:
-            self.arch, self.layers = arch, layers
-        if self.loss not in LOSSES:
-            raise SpectrtError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss}")
 
 
 @dataclass

@@ -211,7 +211,7 @@ def test_to_json_is_rfc8259():
 
 def test_distill_defaults_are_distill_config():
     """The explicit defaults in the help are DistillConfig's, and hydra/hydra++ keep their own."""
-    from spectrt.calibration.distill import DistillConfig
+    from spectrt.calibration.config import DistillConfig
     from spectrt.commands.distill import command, config_from_options
 
     def config(*argv):

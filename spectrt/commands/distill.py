@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from spectrt.calibration.distill import DistillConfig  # no torch at import time
+from spectrt.calibration.config import DistillConfig, HydraDistillConfig
 from spectrt.commands._common import FloatRange, IntRange, command
 
 HELP = "train draft heads by self-distillation on the base model's own responses"
@@ -77,8 +77,6 @@ def config_from_options(arch: str = _D.arch, dropout: float | None = None, fp32:
                         **options) -> DistillConfig:
     """The DistillConfig (HydraDistillConfig for hydra, hydra++) of the command's options; None keeps a default."""
     if arch in ("hydra", "hydra++"):
-        from spectrt.calibration.distill_hydra import HydraDistillConfig
-
         cfg = HydraDistillConfig(arch=arch)
         if dropout is not None:
             cfg.dropout = dropout

@@ -166,6 +166,48 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+# Files a training run leaves next to the weights (transformers.Trainer, accelerate, DeepSpeed): never weights.
+_NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|scaler|rng_state|random_states|trainer_state|"
+                          r"custom_checkpoint)([._-][^/]*)?\.(bin|pt|pth|json|safetensors)$", re.IGNORECASE)
+_SAFE_INDEX = "model.safetensors.index.json"
+_PT_INDEX = "pytorch_model.bin.index.json"
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a transformers ``*.index.json`` names (all must exist)."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SpectrtError(f"{index}: expected a 'weight_map' of tensor names to shard files")
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise SpectrtError(f"{index}: shard file(s) {', '.join(missing[:3])}{more} missing")
+    return shards
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The weight files of a full model checkpoint directory, chosen the way transformers does.
+
+    safetensors win over pickles (``model.safetensors.index.json`` shards, else every ``*.safetensors``);
+    pickles are read only when there is no safetensors file (``pytorch_model.bin.index.json`` shards, else
+    ``pytorch_model*.bin``, else the other ``*.bin`` / ``*.pt`` / ``*.pth``). Trainer leftovers
+    (``training_args.bin``, ``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth`` ...) are never weights.
+    """
+    if (directory / _SAFE_INDEX).is_file():
+        return _index_shards(directory / _SAFE_INDEX)
+    candidates = sorted(p for p in directory.iterdir() if p.is_file() and not _NOT_WEIGHTS.match(p.name))
+    safetensors = [p for p in candidates if p.suffix == ".safetensors"]
+    if safetensors:
+        return safetensors
+    if (directory / _PT_INDEX).is_file():
+        return _index_shards(directory / _PT_INDEX)
+    pickles = [p for p in candidates if p.suffix in (".bin", ".pt", ".pth")]
+    hf_pickles = [p for p in pickles if p.name.startswith("pytorch_model") and p.suffix == ".bin"]
+    return hf_pickles or pickles
+
+
 def _find_heads_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(reference-key state dict, config dict, description) from a file or directory."""
     config: dict = {}
@@ -179,24 +221,30 @@ def _find_heads_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
         heads_files = [path / HEADS_FILE, path / HEADS_FILE_PT]
         files = [p for p in heads_files if p.is_file()][:1]
         if not files:  # a full (Medusa-2) model checkpoint
-            files = sorted(p for p in path.iterdir()
-                           if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+            files = checkpoint_files(path)
         if not files:
-            raise SpectrtError(f"{path}: no {HEADS_FILE}, {HEADS_FILE_PT} or model checkpoint files")
+            raise SpectrtError(f"{path}: no {HEADS_FILE}, {HEADS_FILE_PT} or model checkpoint files "
+                               "(*.safetensors, pytorch_model*.bin, *.pt)")
     elif path.exists():
         raise SpectrtError(f"{path}: not a file or directory")
     else:
         raise SpectrtError(f"{path}: no such medusa heads file or directory")
 
     state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     for f in files:
         tensors = _load_state_file(f, wanted=lambda k: bool(_KEY.match(k) or _FULL_KEY.search(k)))
         for key, value in tensors.items():
             m = _FULL_KEY.search(key)
             ref = m.group(1) if m else key
             if ref in state:
-                raise SpectrtError(f"{path}: medusa weight {ref} appears twice")
+                if state[ref].shape == value.shape and torch.equal(state[ref], value):
+                    continue  # the same tensor saved twice (e.g. under two prefixes): harmless
+                where = f"{origin[ref]} and {f.name}" if origin[ref] != f.name else f.name
+                raise SpectrtError(f"{path}: medusa weight {ref} appears twice with different values "
+                                   f"(in {where}); keep one checkpoint per directory")
             state[ref] = value
+            origin[ref] = f.name
     if not state:
         names = ", ".join(p.name for p in files)
         raise SpectrtError(f"{path}: no medusa head weights in {names} "

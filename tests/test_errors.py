@@ -70,6 +70,57 @@ def test_unknown_model_name(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _run_cli(capsys, *args):
+    from spectrt.cli import main
+
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_model_dir_with_only_config(tiny_models, tmp_path, capsys):
+    """A model folder with only config.json: name the missing tokenizer and weights, not transformers'
+    "Couldn't instantiate the backend tokenizer from one of: ..."."""
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(tiny_models["llama"] / "config.json", model / "config.json")
+    rc, err = _run_cli(capsys, "export", "-m", model, "-o", tmp_path / "out")
+    assert rc == 2
+    assert_one_line_error(rc, err, f"spectrt export: error: {model}: no tokenizer (tokenizer.json, tokenizer.model")
+    assert "no weights (model.safetensors or pytorch_model.bin" in err
+    assert "Couldn't instantiate" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep, message", [
+    (("config.json", "model.safetensors"), "no tokenizer (tokenizer.json"),
+    (("config.json", "tokenizer.json", "tokenizer_config.json"), "no weights (model.safetensors"),
+])
+def test_model_dir_missing_tokenizer_or_weights(tiny_models, tmp_path, capsys, keep, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in keep:
+        shutil.copy(tiny_models["llama"] / name, model / name)
+    rc, err = _run_cli(capsys, "export", "-m", model, "-o", tmp_path / "out")
+    assert rc == 2
+    assert_one_line_error(rc, err, f"{model}: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_dir_missing_shard(tiny_models, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                        "b": "model-00002-of-00002.safetensors"}}))
+    (model / "model-00001-of-00002.safetensors").write_bytes(b"")
+    rc, err = _run_cli(capsys, "export", "-m", model, "-o", tmp_path / "out")
+    assert rc == 2
+    assert_one_line_error(rc, err, "model.safetensors.index.json names missing shard(s) "
+                                   "model-00002-of-00002.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

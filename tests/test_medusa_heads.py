@@ -188,6 +188,94 @@ class _Evil:
         return (os.mkdir, (self.path,))
 
 
+def _full_state(seed: int, K: int = 2, prefix: str = "medusa_head.") -> dict:
+    """A Medusa-2 style full checkpoint: base weights next to ``medusa_head.{h}.0...`` keys."""
+    torch.manual_seed(seed)
+    state = {"model.embed_tokens.weight": torch.randn(V, H)}
+    for h in range(K):
+        state[f"{prefix}{h}.0.linear.weight"] = torch.randn(H, H)
+        state[f"{prefix}{h}.0.linear.bias"] = torch.randn(H)
+    return state
+
+
+def _assert_heads_equal(heads: MedusaHeads, state: dict) -> None:
+    got = heads.state_dict()
+    want = {k: v for k, v in state.items() if k.startswith("medusa_head.")}
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_safetensors_preferred_over_pytorch_bin(tmp_path):
+    """A folder with both model.safetensors and pytorch_model.bin (as save_pretrained(safe_serialization=...)
+    twice leaves it) loads the safetensors, like transformers; the pickle is never opened."""
+    safe = _full_state(seed=1)
+    save_file(safe, str(tmp_path / "model.safetensors"))
+    marker = tmp_path / "pwned"
+    torch.save({**_full_state(seed=2), "x": _Evil(str(marker))}, tmp_path / "pytorch_model.bin")
+    heads = load_medusa(tmp_path)
+    _assert_heads_equal(heads, safe)
+    assert not marker.exists()
+
+
+def test_sharded_safetensors_index_wins(tmp_path):
+    state = _full_state(seed=3, K=3)
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[:4], "model-00002-of-00002.safetensors": names[4:]}
+    for fname, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / fname))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: fname for fname, keys in shards.items() for k in keys}}))
+    save_file(_full_state(seed=4, K=3), str(tmp_path / "stale-model.safetensors"))  # not in the index
+    torch.save(_full_state(seed=5, K=3), tmp_path / "pytorch_model.bin")
+    _assert_heads_equal(load_medusa(tmp_path), state)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(SpectrtError, match="model-00002-of-00002.safetensors missing"):
+        load_medusa(tmp_path)
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin", "medusa_lm_head.safetensors"])
+def test_trainer_output_folder(tmp_path, weights):
+    """A transformers.Trainer checkpoint folder: the heads next to training_args.bin (a pickled dataclass
+    that weights_only refuses), optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json."""
+    state = _full_state(seed=6)
+    if weights.endswith(".safetensors"):
+        save_file(state if weights == "model.safetensors" else
+                  {k[len("medusa_head."):]: v for k, v in state.items() if k.startswith("medusa_head.")},
+                  str(tmp_path / weights))
+    else:
+        torch.save(state, tmp_path / weights)
+    marker = tmp_path / "pwned"
+    torch.save(_Evil(str(marker)), tmp_path / "training_args.bin")
+    torch.save({"state": {0: {"exp_avg": torch.zeros(H)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+               tmp_path / "optimizer.pt")
+    torch.save({"last_epoch": 3, "_step_count": 4}, tmp_path / "scheduler.pt")
+    torch.save({"python": _Evil(str(marker)), "cpu": torch.zeros(4, dtype=torch.uint8)}, tmp_path / "rng_state.pth")
+    torch.save({"cpu": torch.zeros(4, dtype=torch.uint8)}, tmp_path / "rng_state_1.pth")
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": []}))
+    heads = load_medusa(tmp_path)
+    _assert_heads_equal(heads, state)
+    assert not marker.exists()
+
+
+def test_weights_only_still_applies_to_loaded_pickles(tmp_path):
+    """The file selection skips trainer leftovers, but a weight pickle it does pick is still weights_only."""
+    marker = tmp_path / "pwned"
+    torch.save({**_full_state(seed=7), "x": _Evil(str(marker))}, tmp_path / "pytorch_model.bin")
+    torch.save({"last_epoch": 3}, tmp_path / "scheduler.pt")
+    with pytest.raises(SpectrtError, match="pytorch_model.bin: refusing"):
+        load_medusa(tmp_path)
+    assert not marker.exists()
+
+
+def test_conflicting_duplicate_weights_name_the_files(tmp_path):
+    save_file(_full_state(seed=8), str(tmp_path / "a.safetensors"))
+    save_file(_full_state(seed=9), str(tmp_path / "b.safetensors"))
+    with pytest.raises(SpectrtError, match=r"appears twice with different values \(in a.safetensors and "
+                                           r"b.safetensors\)"):
+        load_medusa(tmp_path)
+
+
 def test_refuses_pickle_with_code(tmp_path):
     marker = tmp_path / "pwned"
     state = {"0.0.linear.weight": torch.zeros(H, H), "0.0.linear.bias": torch.zeros(H), "x": _Evil(str(marker))}

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def hf_model():
+def hf_model(smollm2_installed):
     from spectrt.export.sources import load_hf
 
     model, _ = load_hf("smollm2-135m", progress=lambda *_: None)

@@ -10,10 +10,11 @@ Loading imports only pyyaml; nothing here touches torch, TensorRT or CUDA.
 from __future__ import annotations
 
 import os
-import re
+
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from spectrt.runtime.engines import parse_version
 from spectrt.runtime.errors import SpectrtError
 
 PROFILE_DIR = Path(__file__).resolve().parent
@@ -176,14 +177,3 @@ def _validate(raw: dict, source: str) -> DeviceProfile:
 def _is_version(s: str) -> bool:
     parts = s.split(".")
     return 1 <= len(parts) <= 4 and all(p.isdigit() for p in parts)
-
-
-def parse_version(s: str) -> tuple:
-    """'10.3.0.30' -> (10, 3, 0, 30); non-numeric suffixes ('10.3.0.post1') are dropped."""
-    out = []
-    for part in str(s).split("."):
-        m = re.match(r"\d+", part)
-        if not m:
-            break
-        out.append(int(m.group()))
-    return tuple(out)

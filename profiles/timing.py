@@ -1,12 +1,19 @@
-"""`spectrt profile`: time every graph of an artifact at the contract's shapes with Polygraphy runners.
+"""`spectrt profile`: time every graph of an artifact at the contract's shapes.
 
-base: prefill chunks (past 0) and the verify-cost curve, q = 1, 2, 4, ... at a few past lengths: how much
-a bigger draft tree costs, the number speculative decoding lives on. heads / draft_lm_head: a few
-frontier batch sizes. Feeds are random but valid, built from the contract: token ids < vocab, a causal
-(prefill) or random-tree (verify) mask, positions past + depth, zero KV.
+KV graphs (base, hydra_prefix): prefill chunks (past 0) and, for base, the verify-cost curve: q = 1, 2, 4, ...
+at a few past lengths, how much a bigger draft tree costs, the number speculative decoding lives on (the
+prefix layer gets small causal "observe" calls instead: it only ever sees committed tokens). Stateless
+graphs (heads, draft LM heads, hydra heads): a few frontier batch sizes. Feeds are random but valid, built
+from the contract: token ids < vocab, a causal (prefill) or random-tree (verify) mask, positions past +
+depth, zero KV.
 
-Backends: ``ort`` (``OnnxrtRunner(SessionFromOnnx(path))``, CUDA provider when onnxruntime-gpu has it)
-and ``trt`` (``TrtRunner`` over the engines of ``spectrt build``, one runner per optimization profile).
+Backends:
+  * ``ort``: Polygraphy's ``OnnxrtRunner`` (CUDA provider when onnxruntime-gpu has it); the past KV is fed
+    from the host, as ONNX Runtime without I/O binding does.
+  * ``trt``: spectrt's own TensorRT runners, i.e. what ``generate --backend trt`` runs: KV cache resident on
+    the device, the optimization profile picked per call (decode for verify-sized q, prefill for chunks),
+    only the inputs copied in and greedy ids + hidden states copied out (no logits, as in generate). Timed
+    wall-clock around each synchronized call.
 """
 from __future__ import annotations
 
@@ -14,14 +21,18 @@ import json
 import os
 import shlex
 import statistics
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
-from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, graph_spec, has_spec
+from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, graph_spec
 from spectrt.runtime.errors import SpectrtError
 
 VERIFY_Q_MAX = 64  # the verify curve goes q = 1, 2, 4, ..., 64 (capped by the profile's tree size)
+OBSERVE_Q = (1, 2, 4)  # prefix-layer calls after a step: the accepted path
 FRONTIER_BATCHES = (1, 4, 16)
 
 
@@ -29,7 +40,7 @@ FRONTIER_BATCHES = (1, 4, 16)
 # feeds from the contract
 
 
-def random_tree_mask(q: int, rng) -> np.ndarray:
+def random_tree_mask(q: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """[q, q] ancestor-or-self mask of a random tree whose node i has a parent < i; depth per node."""
     parent = [-1] + [int(rng.integers(0, i)) for i in range(1, q)]
     mask = np.zeros((q, q), dtype=bool)
@@ -42,30 +53,40 @@ def random_tree_mask(q: int, rng) -> np.ndarray:
     return mask, depth
 
 
-def base_feeds(dims: dict, dtype: str, q: int, past: int, phase: str, rng) -> dict:
-    """Valid inputs of the base graph for q new tokens after ``past`` cached ones (batch 1)."""
-    if phase == "prefill":
-        mask = np.tril(np.ones((q, q), dtype=bool))
-        depth = np.arange(q, dtype=np.int64)
-    else:
+def kv_feeds(graph: str, dims: dict, dtype: str, q: int, past: int, phase: str, rng) -> dict:
+    """Valid inputs of a KV graph (base, hydra_prefix) for q new tokens after ``past`` cached ones (batch 1).
+    ``phase``: "verify" uses a random tree mask, anything else a causal one."""
+    if phase == "verify":
         mask, depth = random_tree_mask(q, rng)
-    feeds = {
-        "input_ids": rng.integers(0, dims["vocab"], size=(1, q), dtype=np.int64),
-        "position_ids": (past + depth).astype(np.int64)[None],
-        "tree_mask": mask[None],
-    }
-    kv = np.zeros((past, 1, dims["kv_heads"], dims["head_dim"]), dtype=dtype)
-    ins, _ = BASE.expand(int(dims["num_layers"]))
+    else:
+        mask, depth = np.tril(np.ones((q, q), dtype=bool)), np.arange(q, dtype=np.int64)
+    spec = graph_spec(graph)
+    ins, _ = spec.expand(dims)
+    feeds = {}
     for s in ins:
-        if s.name.startswith("past_"):
-            feeds[s.name] = kv
+        shape, dt = s.resolve({**dims, "batch": 1, "q": q, "past": past}, dtype)
+        if s.name == "input_ids":
+            feeds[s.name] = rng.integers(0, dims["vocab"], size=shape, dtype=np.int64)
+        elif s.name == "position_ids":
+            feeds[s.name] = (past + depth).astype(np.int64)[None]
+        elif s.name == "tree_mask":
+            feeds[s.name] = mask[None]
+        elif s.name.startswith("past_"):
+            feeds[s.name] = np.zeros(shape, dtype=dt)
+        else:
+            feeds[s.name] = rng.standard_normal(shape).astype(dt)
     return feeds
 
 
+def base_feeds(dims: dict, dtype: str, q: int, past: int, phase: str, rng) -> dict:
+    """Valid inputs of the base graph for q new tokens after ``past`` cached ones (batch 1)."""
+    return kv_feeds(BASE.name, dims, dtype, q, past, phase, rng)
+
+
 def graph_feeds(graph: str, dims: dict, dtype: str, batch: int, rng) -> dict:
-    spec = graph_spec(graph)
+    """Random inputs of a stateless graph at ``batch``."""
     out = {}
-    for s in spec.inputs:
+    for s in graph_spec(graph).inputs:
         shape, dt = s.resolve(dict(dims, batch=batch), dtype)
         out[s.name] = rng.standard_normal(shape).astype(dt)
     return out
@@ -84,17 +105,16 @@ def shape_points(dims: dict, max_context: int, prefill_chunk: int = DEFAULT_PREF
 
 
 # --------------------------------------------------------------------------------------------------
-# runners
+# backends: ``open(graph)`` yields (call, limits); call(feeds, past) -> seconds of one run
 
 
-def _time(runner, feeds: dict, iterations: int, warmup: int) -> dict:
+Call = Callable[[dict, int], float]
+
+
+def _time(call: Call, feeds: dict, past: int, iterations: int, warmup: int) -> dict:
     for _ in range(warmup):
-        runner.infer(feeds)
-    ms = []
-    for _ in range(iterations):
-        runner.infer(feeds)
-        ms.append(runner.last_inference_time() * 1e3)
-    ms.sort()
+        call(feeds, past)
+    ms = sorted(call(feeds, past) * 1e3 for _ in range(iterations))
     return {"median_ms": round(statistics.median(ms), 4), "mean_ms": round(statistics.fmean(ms), 4),
             "min_ms": round(ms[0], 4), "p90_ms": round(ms[min(len(ms) - 1, int(0.9 * len(ms)))], 4)}
 
@@ -108,11 +128,16 @@ class _OrtBackend:
         self.art = art
         self.providers = ["cuda", "cpu"] if "CUDAExecutionProvider" in ort.get_available_providers() else ["cpu"]
 
-    def runners(self, graph: str):
-        """[(None, runner)]: one runner that takes any shape."""
+    @contextmanager
+    def open(self, graph: str) -> Iterator[tuple[Call, dict | None]]:
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-        return [(None, OnnxrtRunner(SessionFromOnnx(str(self.art.graph_path(graph)), providers=self.providers)))]
+        with OnnxrtRunner(SessionFromOnnx(str(self.art.graph_path(graph)), providers=self.providers)) as runner:
+            def call(feeds: dict, past: int) -> float:
+                runner.infer(feeds)
+                return float(runner.last_inference_time())
+
+            yield call, None
 
     def model_path(self, graph: str) -> str:
         return str(self.art.graph_path(graph))
@@ -124,38 +149,40 @@ class _OrtBackend:
 class _TrtBackend:
     name = "trt"
 
-    def __init__(self, art, profile: str | None):
-        from spectrt.runtime.trt_runner import _profile_name
+    def __init__(self, art, profile):
+        from spectrt.runtime.engines import resolve_profile
 
         self.art = art
-        self.profile = _profile_name(art, BASE.name if art.has_graph(BASE.name) else next(iter(art.manifest["graphs"])),
-                                     profile)
-        self._engines = {}
+        first = BASE.name if art.has_graph(BASE.name) else next(iter(art.manifest.graphs))
+        self.profile = resolve_profile(art, first, profile)
 
-    def _engine(self, graph):
-        import tensorrt as trt
+    @contextmanager
+    def open(self, graph: str) -> Iterator[tuple[Call, dict | None]]:
+        """The runner ``generate`` would use; limits: the largest q/past or batch its engine takes."""
+        from spectrt.runtime.trt_runner import TrtGraphRunner, TrtKVRunner
 
-        from spectrt.profiles.build import load_engine_bytes
+        spec = graph_spec(graph)
+        if spec.per_layer_inputs:
+            skip = ("logits",) if graph == BASE.name else ()
+            with TrtKVRunner(self.art, graph, self.profile, skip=skip) as kv:
+                def call(feeds: dict, past: int) -> float:
+                    kv.past = past  # timing only: the cache rows' content does not change the cost
+                    t0 = time.perf_counter()
+                    kv.run(**{s.name: feeds[s.name][0] for s in spec.inputs})
+                    return time.perf_counter() - t0
 
-        if graph not in self._engines:
-            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self._engines[graph] = (runtime, runtime.deserialize_cuda_engine(
-                load_engine_bytes(self.art, graph, self.profile)))
-        return self._engines[graph][1]
+                yield call, {"q": kv.max_q, "context": kv.max_context}
+        else:
+            with TrtGraphRunner(self.art, graph, self.profile) as runner:
+                def call(feeds: dict, past: int) -> float:
+                    t0 = time.perf_counter()
+                    runner(**feeds)
+                    return time.perf_counter() - t0
 
-    def runners(self, graph: str):
-        """[(dims ranges, runner)] per optimization profile of the engine."""
-        from polygraphy.backend.trt import TrtRunner
-
-        from spectrt.profiles.build import engine_name
-
-        rec = self.art.manifest["engines"][engine_name(graph, self.profile)]
-        engine = self._engine(graph)
-        return [({k: tuple(v) for k, v in p["dims"].items()}, TrtRunner(engine, optimization_profile=i))
-                for i, p in enumerate(rec["optimization_profiles"])]
+                yield call, {"batch": runner.max_batch}
 
     def model_path(self, graph: str) -> str:
-        from spectrt.profiles.build import engine_path
+        from spectrt.runtime.engines import engine_path
 
         return str(engine_path(self.art.root, graph, self.profile))
 
@@ -163,8 +190,10 @@ class _TrtBackend:
         return ["--trt", "--model-type", "engine"]
 
 
-def _fits(ranges: dict | None, values: dict) -> bool:
-    return ranges is None or all(ranges[k][0] <= v <= ranges[k][2] for k, v in values.items() if k in ranges)
+def _fits(limits: dict | None, n: int, past: int, kv: bool) -> bool:
+    if limits is None:
+        return True
+    return n <= limits["q"] and past + n <= limits["context"] if kv else n <= limits["batch"]
 
 
 def polygraphy_command(backend, graph: str, feeds: dict, iterations: int, warmup: int, vocab: int | None) -> str:
@@ -176,64 +205,77 @@ def polygraphy_command(backend, graph: str, feeds: dict, iterations: int, warmup
     return " ".join(shlex.quote(a) for a in args)
 
 
-def profile_artifact(root, backend: str = "ort", iterations: int = 20, warmup: int = 3, profile: str | None = None,
+def _work(graph: str, dims: dict, ctx: int, prof) -> list[tuple[str, int, int]]:
+    """(phase, q or batch, past) points of one graph."""
+    if not graph_spec(graph).per_layer_inputs:
+        pts = shape_points(dims, ctx, max_frontier=prof.max_frontier if prof else max(FRONTIER_BATCHES))
+        return [("frontier", b, 0) for b in pts["frontier_batch"]]
+    pts = shape_points(dims, ctx, prof.max_prefill_chunk if prof else DEFAULT_PREFILL_CHUNK,
+                       prof.max_tree_nodes if prof else VERIFY_Q_MAX)
+    work = [("prefill", q, 0) for q in pts["prefill_q"]]
+    if graph == BASE.name:
+        return work + [("verify", q, p) for p in pts["verify_past"] for q in pts["verify_q"] if p + q <= ctx]
+    return work + [("observe", q, p) for p in pts["verify_past"] for q in OBSERVE_Q if p + q <= ctx]
+
+
+def profile_artifact(root, backend: str = "ort", iterations: int = 20, warmup: int = 3, profile=None,
                      graphs: list | None = None, seed: int = 0, progress=print) -> dict:
-    """Time the artifact's graphs; returns the result dict written by ``--json``."""
-    from spectrt.profiles import effective_max_context, graph_dims, load_profile
-    from spectrt.runtime.manifest import load_artifact
+    """Time the artifact's graphs; returns the result dict written by ``--json``.
+
+    ``profile``: a device profile (name, YAML path or DeviceProfile): bounds the shapes, and for ``trt``
+    picks the engines (by the profile's name).
+    """
+    from spectrt.profiles import ProfileError, effective_max_context, load_profile
+    from spectrt.runtime.artifact import load_artifact
 
     if iterations < 1 or warmup < 0:
         raise SpectrtError("--iterations must be >= 1 and --warmup >= 0")
     art = load_artifact(root)
     rng = np.random.default_rng(seed)
+    prof = load_profile(profile) if profile is not None else None
+    be: _OrtBackend | _TrtBackend
     if backend == "ort":
         be = _OrtBackend(art)
     elif backend == "trt":
-        be = _TrtBackend(art, profile)
-        profile = be.profile
+        be = _TrtBackend(art, prof)
+        if prof is None:
+            try:
+                prof = load_profile(be.profile)
+            except ProfileError:  # a custom profile's YAML is not at hand: the engines' own limits apply
+                pass
     else:
         raise SpectrtError(f"unknown backend '{backend}' (ort, trt)")
-    prof = load_profile(profile) if profile else None
     ctx = effective_max_context(prof, art.max_context) if prof else art.max_context
-    names = graphs or [g for g in art.manifest["graphs"] if has_spec(g)]
-    result = {"artifact": str(art.root), "backend": be.name, "profile": profile, "iterations": iterations,
-              "warmup": warmup, "dtype": art.dtype, "max_context": ctx, "points": [], "commands": [],
-              "verify_curve": None}
-    if be.name == "ort":
+    names = list(graphs or art.manifest.graphs)
+    unknown = [g for g in names if not art.has_graph(g)]
+    if unknown:
+        raise SpectrtError(f"{art.root}: no graph(s) {', '.join(unknown)} (have: {', '.join(art.manifest.graphs)})")
+    result: dict = {"artifact": str(art.root), "backend": be.name, "profile": be.profile if isinstance(be, _TrtBackend) else prof.name if prof else None,
+                    "iterations": iterations, "warmup": warmup, "dtype": art.dtype, "max_context": ctx, "points": [],
+                    "commands": [], "verify_curve": None}
+    if isinstance(be, _OrtBackend):
         result["providers"] = be.providers
     for g in names:
-        dims = graph_dims(art, g)
-        if g == BASE.name:
-            pts = shape_points(dims, ctx, prof.max_prefill_chunk if prof else DEFAULT_PREFILL_CHUNK,
-                               prof.max_tree_nodes if prof else VERIFY_Q_MAX)
-            work = [("prefill", q, 0) for q in pts["prefill_q"]]
-            work += [("verify", q, p) for p in pts["verify_past"] for q in pts["verify_q"] if p + q <= ctx]
-        else:
-            pts = shape_points(dims, ctx, max_frontier=prof.max_frontier if prof else max(FRONTIER_BATCHES))
-            work = [("frontier", b, 0) for b in pts["frontier_batch"]]
+        dims, kv = art.dims(g), bool(graph_spec(g).per_layer_inputs)
+        work = _work(g, dims, ctx, prof)
         progress(f"{g}: {len(work)} shapes x {iterations} iterations ({be.name})")
-        last_feeds = None
-        for ranges, runner in be.runners(g):
-            todo = [w for w in work if _fits(ranges, {"q": w[1], "past": w[2]} if g == BASE.name else {"batch": w[1]})]
-            work = [w for w in work if w not in todo]
-            if not todo:
-                continue
-            with runner:
-                for phase, n, past in todo:
-                    if g == BASE.name:
-                        feeds = base_feeds(dims, art.dtype, n, past, phase, rng)
-                        point = {"graph": g, "phase": phase, "q": n, "past": past, "batch": 1}
-                    else:
-                        feeds = graph_feeds(g, dims, art.dtype, n, rng)
-                        point = {"graph": g, "phase": phase, "batch": n}
-                    point.update(_time(runner, feeds, iterations, warmup))
-                    result["points"].append(point)
-                    last_feeds = feeds
-        for phase, n, past in work:
-            progress(f"  skipped {g} {phase} n={n} past={past}: outside the engine's optimization profiles")
-        if last_feeds is not None:
-            result["commands"].append(polygraphy_command(be, g, last_feeds, iterations, warmup, dims.get("vocab")))
-    verify = [p for p in result["points"] if p["phase"] == "verify"]
+        feeds = None
+        with be.open(g) as (call, limits):
+            for phase, n, past in work:
+                if not _fits(limits, n, past, kv):
+                    progress(f"  skipped {g} {phase} n={n} past={past}: outside the engine's optimization profiles")
+                    continue
+                if kv:
+                    feeds = kv_feeds(g, dims, art.dtype, n, past, phase, rng)
+                    point = {"graph": g, "phase": phase, "q": n, "past": past, "batch": 1}
+                else:
+                    feeds = graph_feeds(g, dims, art.dtype, n, rng)
+                    point = {"graph": g, "phase": phase, "batch": n}
+                point.update(_time(call, feeds, past, iterations, warmup))
+                result["points"].append(point)
+        if feeds is not None:
+            result["commands"].append(polygraphy_command(be, g, feeds, iterations, warmup, dims.get("vocab")))
+    verify = [p for p in result["points"] if p["graph"] == BASE.name and p["phase"] == "verify"]
     if verify:
         qs = sorted({p["q"] for p in verify})
         series = []
@@ -306,5 +348,5 @@ def plot_verify_curve(result: dict, path) -> Path:
     return path
 
 
-__all__ = ["random_tree_mask", "base_feeds", "graph_feeds", "shape_points", "profile_artifact", "format_table",
+__all__ = ["random_tree_mask", "kv_feeds", "base_feeds", "graph_feeds", "shape_points", "profile_artifact", "format_table",
            "write_json", "plot_verify_curve", "polygraphy_command"]

@@ -1,16 +1,21 @@
-"""TensorRT runners for the contract's graphs (torch-free; tensorrt and CUDA are imported lazily).
+"""TensorRT runners for the contract's graphs, with the ONNX Runtime runners' interface (torch-free;
+tensorrt and polygraphy's CUDA wrapper are imported when a runner is entered).
 
-Memory model of ``TrtBaseRunner`` (one stream, everything allocated once in ``__enter__``):
+A runner owns everything it allocates, inside ``with``: the engine, one execution context, one CUDA stream
+and its device buffers, all cudaMalloc'd once (so every address is 256-byte aligned, as
+``set_tensor_address`` requires, and every I/O tensor has its own non-null address, empty ones included).
+Every bool TensorRT returns is checked: a refused call raises SpectrtError naming the tensor.
 
-* I/O buffers sized from the optimization profiles' max shapes (the build record's dims + the contract);
-  their addresses are bound once. Per step only the input shapes change.
-* KV cache: one device buffer per layer and per K/V, token-major ``[max_context, batch=1, kv_heads,
-  head_dim]`` as in the contract. ``past_*`` inputs are bound to ``cache[:past]`` (the buffer's base, shape
-  set per step) and ``new_*`` outputs to ``cache[past:past+q]`` (base + past * row_bytes): the graph
-  writes new K/V in place, no concat and no host copy.
-* ``commit(accepted_rows)`` moves the accepted tree rows ``past+accepted_rows[i] -> past+i`` with
-  device-to-device ``cudaMemcpyAsync`` (contiguous runs merged, chunks never overlap) and advances
-  ``past``; ``rollback(n)`` / ``reset()`` only move the integer.
+``TrtKVRunner`` (``base``, ``hydra_prefix``; batch 1) keeps the KV cache on the device. Per KV layer and
+K/V: a cache ``[max_context, 1, kv_heads, head_dim]`` whose base address is bound to ``past_*`` (shape
+``[past, ...]``: the prefix ``cache[:past]``), and a scratch ``[max_q, 1, kv_heads, head_dim]`` bound to
+``new_*``. ``commit(rows)`` copies the accepted scratch rows to ``cache[past:past + len(rows)]``
+(device-to-device, one copy per contiguous run per buffer) and advances ``past``; ``rollback``/``reset``
+move the integer. The new rows can't be written in place at ``cache + past * row_bytes``: that address is
+only 256-byte aligned when ``past * row_bytes`` is (a 384-byte fp16 row of SmolLM2 is not).
+
+The optimization profile is chosen per call: among the engine's profiles that hold the call's shape, the
+one whose opt shape is nearest (``decode`` for verify-sized q, ``prefill`` for prompt chunks).
 
 Usage::
 
@@ -20,358 +25,358 @@ Usage::
 """
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING, Sequence
+
 import numpy as np
 
-from spectrt.runtime.contract import BASE, MODEL_DTYPE, graph_spec
+from spectrt.runtime.artifact import Artifact
+from spectrt.runtime.contract import BASE, HYDRA_PREFIX, MODEL_DTYPE, graph_spec
+from spectrt.runtime.engines import EngineFromArtifact
 from spectrt.runtime.errors import SpectrtError
-from spectrt.runtime.ort_runner import BaseOutputs, ContextFull  # the shared runner interface
+from spectrt.runtime.ort_runner import BaseOutputs, ContextFull, check_rows
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+ALIGN = 256  # bytes: TensorRT's alignment rule for tensor addresses (cudaMalloc guarantees at least this)
 
 
-def compaction_plan(accepted_rows) -> list[tuple[int, int, int]]:
-    """Row moves ``(src, dst, n)`` (relative to ``past``) that compact accepted rows to ``0..len-1``.
+def copy_runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(src, dst, n)`` row copies that gather ``rows`` (strictly increasing) to ``0..len(rows)-1``,
+    consecutive rows merged into one copy."""
+    runs: list[tuple[int, int, int]] = []
+    for dst, src in enumerate(rows):
+        if runs and runs[-1][0] + runs[-1][2] == src:
+            s, d, n = runs[-1]
+            runs[-1] = (s, d, n + 1)
+        else:
+            runs.append((src, dst, 1))
+    return runs
 
-    ``accepted_rows`` must be strictly increasing (a root-to-leaf path of a topologically ordered tree),
-    so ``src >= dst`` always. Runs of consecutive rows are merged, identity moves dropped, and every copy
-    is split into chunks of at most ``src - dst`` rows so no copy's source and destination overlap
-    (cudaMemcpyAsync does not allow overlap); executing the moves in order gives the compacted cache.
+
+class _Device:
+    """The runner's CUDA (polygraphy's wrapper over libcudart): one stream and the buffers allocated on it.
+
+    Five calls in all: malloc, free, memcpy (H2D / D2H / D2D, async on the stream), stream create/sync.
     """
-    rows = [int(r) for r in accepted_rows]
-    for i, r in enumerate(rows):
-        if r < 0 or (i and r <= rows[i - 1]):
-            raise SpectrtError(f"accepted rows must be non-negative and strictly increasing, got {rows}")
-    plan, i = [], 0
-    while i < len(rows):
-        src, dst, n = rows[i], i, 1
-        while i + n < len(rows) and rows[i + n] == src + n:
-            n += 1
-        gap = src - dst
-        if gap:
-            for off in range(0, n, gap):
-                plan.append((src + off, dst + off, min(gap, n - off)))
-        i += n
-    return plan
 
-
-def _profile_name(artifact, graph: str, profile: str | None) -> str:
-    engines = {k: v for k, v in artifact.manifest.get("engines", {}).items() if v.get("graph") == graph}
-    if profile is not None:
-        return getattr(profile, "name", profile)
-    names = sorted({v["profile"] for v in engines.values()})
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise SpectrtError(f"{artifact.root}: no TensorRT engine for '{graph}'; run `spectrt build {artifact.root} "
-                           "--profile NAME` on this device")
-    raise SpectrtError(f"{artifact.root}: engines for several profiles ({', '.join(names)}); pass profile=")
-
-
-class EngineFromArtifact:
-    """Lazy loader: deserializes ``DIR/engines/<graph>.<profile>.engine`` after checking its build record
-    against this TensorRT/GPU and the artifact's graph hashes."""
-
-    def __init__(self, artifact, graph: str, profile: str | None = None, strict_gpu: bool = True):
-        self.artifact, self.graph, self.strict_gpu = artifact, graph, strict_gpu
-        self.profile = _profile_name(artifact, graph, profile)
-
-    @property
-    def record(self) -> dict:
-        from spectrt.profiles.build import engine_name
-
-        return self.artifact.manifest["engines"][engine_name(self.graph, self.profile)]
-
-    def __call__(self):
-        import tensorrt as trt
-
-        from spectrt.profiles.build import load_engine_bytes
-
-        data = load_engine_bytes(self.artifact, self.graph, self.profile, strict_gpu=self.strict_gpu)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(data)
-        if engine is None:
-            raise SpectrtError(f"TensorRT could not deserialize the '{self.graph}.{self.profile}' engine")
-        return runtime, engine
-
-
-class _DeviceBuffer:
-    def __init__(self, nbytes: int):
+    def __init__(self) -> None:
         from polygraphy import cuda
 
-        self.nbytes = max(int(nbytes), 1)
-        self.ptr = cuda.wrapper().malloc(self.nbytes)
+        self.cuda, self.w = cuda, cuda.wrapper()
+        self.stream = cuda.Stream()
+        self.ptrs: list[int] = []
 
-    def free(self) -> None:
-        from polygraphy import cuda
+    def alloc(self, nbytes: int) -> int:
+        ptr = int(self.w.malloc(max(int(nbytes), ALIGN)))  # never 0 bytes: empty tensors need an address too
+        self.ptrs.append(ptr)
+        if not ptr or ptr % ALIGN:
+            raise SpectrtError(f"cudaMalloc returned {ptr:#x}, not {ALIGN}-byte aligned")
+        return ptr
 
-        if self.ptr:
-            cuda.wrapper().free(self.ptr)
-            self.ptr = 0
+    def h2d(self, dst: int, src: np.ndarray) -> None:
+        if src.nbytes:
+            self.w.memcpy(dst, src.ctypes.data, src.nbytes, self.cuda.MemcpyKind.HostToDevice, self.stream.ptr)
+
+    def d2h(self, dst: np.ndarray, src: int) -> None:
+        if dst.nbytes:
+            self.w.memcpy(dst.ctypes.data, src, dst.nbytes, self.cuda.MemcpyKind.DeviceToHost, self.stream.ptr)
+
+    def d2d(self, dst: int, src: int, nbytes: int) -> None:
+        self.w.memcpy(dst, src, nbytes, self.cuda.MemcpyKind.DeviceToDevice, self.stream.ptr)
+
+    def sync(self) -> None:
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        self.sync()
+        while self.ptrs:
+            self.w.free(self.ptrs.pop())
+        self.stream.free()
 
 
-class _TrtRunnerBase:
-    """Shared engine/context/stream/buffer handling. Subclasses bind tensors in ``_bind``."""
+class _TrtRunner:
+    """One engine, its execution context, a stream and device buffers. Subclasses allocate in ``_allocate``."""
 
-    graph = ""
+    runtime: trt.Runtime | None
+    engine: trt.ICudaEngine | None
+    context: trt.IExecutionContext | None
 
-    def __init__(self, artifact, graph: str, profile: str | None = None, strict_gpu: bool = True):
-        self.artifact = artifact
-        self.graph = graph
+    def __init__(self, artifact: Artifact, graph: str, profile=None, strict_gpu: bool = True):
+        self.artifact, self.graph, self.spec = artifact, graph, graph_spec(graph)
+        self.dims = artifact.dims(graph)
         self.loader = EngineFromArtifact(artifact, graph, profile, strict_gpu)
-        self.profile = self.loader.profile
-        self.spec = graph_spec(graph)
-        self._buffers: dict[str, _DeviceBuffer] = {}
-        self._host: dict[str, np.ndarray] = {}
-        self._addresses: dict[str, int] = {}  # tensor name -> device pointer, bound once
-        self.engine = self.context = self.stream = self._runtime = None
-        self._active_profile = -1
-
-    # profile dims from the build record, in build order: [(label, {dim: (min, opt, max)})]
-    def _record_profiles(self) -> list[tuple[str, dict]]:
-        return [(p["label"], {k: tuple(v) for k, v in p["dims"].items()})
-                for p in self.loader.record["optimization_profiles"]]
-
-    def _dims(self) -> dict:
-        from spectrt.profiles import graph_dims
-
-        return graph_dims(self.artifact, self.graph)
-
-    def _max_dims(self) -> dict:
-        out = {}
-        for _, dims in self._record_profiles():
-            for k, (_, _, mx) in dims.items():
-                out[k] = max(out.get(k, 0), mx)
-        return out
-
-    def _alloc(self, name: str, shape: tuple, dtype) -> int:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        buf = self._buffers[name] = _DeviceBuffer(nbytes)
-        return buf.ptr
+        self.profile, self.record = self.loader.profile, self.loader.record
+        self.ranges = [p.dims for p in self.record.optimization_profiles]  # per profile: {dim: (min, opt, max)}
+        self.runtime = self.engine = self.context = None
+        self.device: _Device | None = None
+        self.addresses: dict[str, int] = {}  # I/O tensor -> device address (bound after every profile switch)
+        self.dtypes: dict[str, np.dtype] = {}
+        self._active = -1  # the optimization profile selected on the context
 
     def __enter__(self):
-        from polygraphy import cuda
-
         try:
-            self._runtime, self.engine = self.loader()
+            self.runtime, self.engine = self.loader()
+            self._check_io(self.engine)
             self.context = self.engine.create_execution_context()
             if self.context is None:
-                raise SpectrtError(f"TensorRT could not create an execution context for '{self.graph}' "
-                                   "(out of device memory?)")
-            self.stream = cuda.Stream()
-            self._bind()
+                raise SpectrtError(f"TensorRT could not create an execution context for '{self.graph}' (out of device "
+                                   "memory?)")
+            self.device = _Device()
+            self._allocate()
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-        for b in self._buffers.values():
-            b.free()
-        self._buffers.clear()
-        if self.stream is not None:
-            self.stream.free()
-            self.stream = None
-        self.context = self.engine = self._runtime = None
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+        self.context = self.engine = self.runtime = None
+        self.addresses.clear()
+        self._active = -1
 
-    def _np_dtype(self, name: str):
+    def _check_io(self, engine: trt.ICudaEngine) -> None:
+        """The engine's I/O tensors and dtypes must be the contract's (an engine of another graph or dtype fails here)."""
         import tensorrt as trt
 
-        return np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+        ins, outs = self.spec.expand(self.dims)
+        want = {s.name: np.dtype(s.resolve(self.dims, self.artifact.dtype)[1]) for s in ins + outs}
+        have = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        if have != set(want):
+            raise SpectrtError(f"the {self.graph}.{self.profile} engine's tensors differ from the contract's (missing "
+                               f"{sorted(set(want) - have)[:3]}, extra {sorted(have - set(want))[:3]}); rebuild it")
+        for name, dt in want.items():
+            self.dtypes[name] = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            if self.dtypes[name] != dt:
+                raise SpectrtError(f"the {self.graph}.{self.profile} engine's '{name}' is {self.dtypes[name]}, the "
+                                   f"artifact's is {dt}; rebuild the engine")
 
-    def _bind_address(self, name: str, ptr: int) -> None:
-        self._addresses[name] = ptr
-        self.context.set_tensor_address(name, ptr)
-
-    def _select_profile(self, index: int) -> None:
-        if index != self._active_profile:
-            if not self.context.set_optimization_profile_async(index, self.stream.ptr):
-                raise SpectrtError(f"TensorRT refused optimization profile {index} of '{self.graph}'")
-            self._active_profile = index
-            for name, ptr in self._addresses.items():  # re-assert the fixed bindings for the new profile
-                self.context.set_tensor_address(name, ptr)
-
-    def _h2d(self, name: str, array: np.ndarray) -> None:
-        from polygraphy import cuda
-
-        buf = self._buffers[name]
-        if array.nbytes > buf.nbytes:
-            raise SpectrtError(f"'{name}': {array.shape} exceeds the profile's max shape")
-        if array.nbytes:
-            cuda.wrapper().memcpy(buf.ptr, array.ctypes.data, array.nbytes, cuda.MemcpyKind.HostToDevice,
-                                  self.stream.ptr)
-
-    def _d2h(self, name: str, shape: tuple) -> np.ndarray:
-        from polygraphy import cuda
-
-        host = self._host[name]
-        out = host.reshape(-1)[: int(np.prod(shape))].reshape(shape)
-        if out.nbytes:
-            cuda.wrapper().memcpy(out.ctypes.data, self._buffers[name].ptr, out.nbytes, cuda.MemcpyKind.DeviceToHost,
-                                  self.stream.ptr)
-        return out
-
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.ptr):
-            raise SpectrtError(f"TensorRT failed to run '{self.graph}' (execute_async_v3 returned False)")
-
-    def _bind(self) -> None:  # pragma: no cover - subclass hook
+    def _allocate(self) -> None:  # pragma: no cover - subclass hook
         raise NotImplementedError
 
+    def _alloc(self, name: str, nbytes: int) -> int:
+        assert self.device is not None
+        self.addresses[name] = ptr = self.device.alloc(nbytes)
+        return ptr
 
-class TrtGraphRunner(_TrtRunnerBase):
-    """A runner for the stateless graphs (``heads``, ``draft_lm_head``): host numpy in, host numpy out."""
+    def _nbytes(self, name: str, shape: Sequence[int]) -> int:
+        return math.prod(shape) * self.dtypes[name].itemsize
 
-    def __init__(self, artifact, graph: str, profile: str | None = None, strict_gpu: bool = True):
-        if graph == BASE.name:
-            raise SpectrtError(f"TrtGraphRunner runs heads/draft_lm_head, not '{graph}' (use TrtBaseRunner)")
+    def _pick_profile(self, **values: int) -> int:
+        """The optimization profile for a call: it must hold every value; nearest opt of the first one wins."""
+        key = next(iter(values))
+        fits = [i for i, r in enumerate(self.ranges) if all(r[k][0] <= v <= r[k][2] for k, v in values.items())]
+        if not fits:
+            limits = "; ".join(f"{k} {r[k][0]}..{r[k][2]}" for r in self.ranges for k in values)
+            raise SpectrtError(f"{self.graph}: {values} is outside every optimization profile of the engine ({limits})")
+        return min(fits, key=lambda i: (abs(self.ranges[i][key][1] - values[key]), self.ranges[i][key][2]))
+
+    def _select(self, index: int) -> None:
+        """Select an optimization profile (before any shape is set) and (re)bind every address for it."""
+        assert self.context is not None and self.device is not None
+        if index == self._active:
+            return
+        self._active = -1
+        if not self.context.set_optimization_profile_async(index, self.device.stream.ptr):
+            raise SpectrtError(f"TensorRT refused optimization profile {index} of the {self.graph} engine")
+        for name, ptr in self.addresses.items():
+            if not self.context.set_tensor_address(name, ptr):
+                raise SpectrtError(f"TensorRT refused address {ptr:#x} for '{name}' of {self.graph}")
+        self._active = index
+
+    def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        assert self.context is not None
+        if not self.context.set_input_shape(name, shape):
+            raise SpectrtError(f"TensorRT refused shape {list(shape)} for '{name}' of {self.graph} (optimization "
+                               f"profile {self._active}: {self.ranges[self._active]})")
+
+    def _execute(self) -> None:
+        assert self.context is not None and self.device is not None
+        if not self.context.execute_async_v3(self.device.stream.ptr):
+            raise SpectrtError(f"TensorRT failed to run {self.graph} (execute_async_v3 returned False; see its log)")
+
+
+class TrtKVRunner(_TrtRunner):
+    """A graph with a KV cache (``base``, ``hydra_prefix``) at batch 1; the interface of ``OrtKVRunner``.
+
+    ``run(**inputs)`` takes the q new tokens' inputs without the batch dim (``[q, ...]``) and returns
+    ``[q, ...]`` host views of the outputs, valid until the next call (outputs in ``skip`` are not copied
+    back and come back as None).
+    """
+
+    def __init__(self, artifact: Artifact, graph: str, profile=None, max_q: int | None = None,
+                 max_context: int | None = None, strict_gpu: bool = True, skip: Sequence[str] = ()):
         super().__init__(artifact, graph, profile, strict_gpu)
-
-    def _bind(self) -> None:
-        dims = {**self._dims(), **self._max_dims()}
-        self._ranges = self._record_profiles()
-        for s in self.spec.inputs + self.spec.outputs:
-            shape, _ = s.resolve(dims, MODEL_DTYPE)
-            dtype = self._np_dtype(s.name)
-            self._bind_address(s.name, self._alloc(s.name, shape, dtype))  # bound once
-            self._host[s.name] = np.empty(shape, dtype)  # pinned-size staging for outputs
-        self._select_profile(0)
-
-    def __call__(self, **inputs) -> dict:
-        """Same call style as OrtGraphRunner: runner(hidden_states=...) -> {output name: array}."""
-        return self.infer(inputs)
-
-    def infer(self, feeds: dict) -> dict:
-        """feeds: contract input name -> array (batch-major); returns contract output name -> array."""
-        dims = self._dims()
-        arrays = {}
-        for s in self.spec.inputs:
-            if s.name not in feeds:
-                raise SpectrtError(f"'{self.graph}' needs input '{s.name}'")
-            arrays[s.name] = np.ascontiguousarray(feeds[s.name], dtype=self._np_dtype(s.name))
-        batch = next(iter(arrays.values())).shape[0]
-        lo, _, hi = self._ranges[0][1]["batch"]
-        if not lo <= batch <= hi:
-            raise SpectrtError(f"'{self.graph}': batch {batch} outside the engine's profile {lo}..{hi}")
-        for name, arr in arrays.items():
-            self._h2d(name, arr)
-            self.context.set_input_shape(name, arr.shape)
-        self._execute()
-        dims = dict(dims, batch=batch)
-        out = {s.name: self._d2h(s.name, s.resolve(dims, MODEL_DTYPE)[0]) for s in self.spec.outputs}
-        self.stream.synchronize()
-        return {k: v.copy() for k, v in out.items()}
-
-
-class TrtBaseRunner(_TrtRunnerBase):
-    """The base graph with a device-resident KV cache; same interface as the ONNX Runtime runner."""
-
-    def __init__(self, artifact, profile: str | None = None, strict_gpu: bool = True, copy_logits: bool = True):
-        super().__init__(artifact, BASE.name, profile, strict_gpu)
-        self.copy_logits = copy_logits  # False: skip the q x vocab device-to-host copy (greedy decoding)
+        top = self.record.max_dims()
+        self.max_q = min(top["q"], max_q or top["q"])
+        self.max_context = min(top["past"] + 1, artifact.max_context, max_context or top["past"] + 1)
+        self.layers = self.spec.num_kv_layers(self.dims)
+        self.skip = frozenset(skip)
         self.past = 0
         self._last_q = 0
+        self._host: dict[str, np.ndarray] = {}
+        self._kv: list[tuple[int, int]] = []  # per layer and K/V: (cache, scratch) addresses
 
-    def _bind(self) -> None:
-        d = self._dims()
-        self.num_layers = int(d["num_layers"])
-        self._ranges = self._record_profiles()  # prefill, decode
-        mx = self._max_dims()
-        self.max_q = mx["q"]
-        self.max_context = mx["past"] + 1  # past <= ctx - 1 in every profile
-        kv_row = (1, d["kv_heads"], d["head_dim"])  # one token: [batch=1, kv_heads, head_dim]
-        full = dict(d, batch=1, q=self.max_q, past=self.max_context)
-        for s in BASE.inputs + BASE.outputs:
-            shape, _ = s.resolve(full, MODEL_DTYPE)
-            dtype = self._np_dtype(s.name)
-            self._bind_address(s.name, self._alloc(s.name, shape, dtype))  # bound once
-            self._host[s.name] = np.empty(shape, dtype)
-        self._kv = []  # per layer: (key ptr, value ptr)
-        self._row_bytes = None
-        for i in range(self.num_layers):
-            ptrs = []
+    def _shape(self, spec, q: int) -> tuple[int, ...]:
+        shape, _ = spec.resolve({**self.dims, "batch": 1, "q": q}, MODEL_DTYPE)
+        return tuple(int(d) for d in shape)
+
+    def _allocate(self) -> None:
+        for s in self.spec.inputs + self.spec.outputs:
+            self._alloc(s.name, self._nbytes(s.name, self._shape(s, self.max_q)))
+        for s in self.spec.outputs:
+            self._host[s.name] = np.empty(math.prod(self._shape(s, self.max_q)), self.dtypes[s.name])
+        self.row = (1, self.dims["kv_heads"], self.dims["head_dim"])  # one token of one layer's K or V
+        self.row_bytes = self._nbytes("past_key.0", self.row)
+        self._kv = []
+        for i in range(self.layers):
             for kind in ("key", "value"):
-                dtype = self._np_dtype(f"past_{kind}.{i}")
-                self._row_bytes = int(np.prod(kv_row)) * dtype.itemsize
-                ptr = self._alloc(f"cache_{kind}.{i}", (self.max_context,) + kv_row, dtype)
-                self._bind_address(f"past_{kind}.{i}", ptr)  # cache[:past], bound once
-                ptrs.append(ptr)
-            self._kv.append(tuple(ptrs))
-        self._kv_row = kv_row
+                cache = self._alloc(f"past_{kind}.{i}", self.max_context * self.row_bytes)  # cache[:past]
+                scratch = self._alloc(f"new_{kind}.{i}", self.max_q * self.row_bytes)
+                self._kv.append((cache, scratch))
+        self.past, self._last_q = 0, 0
 
-    def _profile_for(self, q: int) -> int:
-        # prefer the decode/verify profile (tuned for small q), fall back to prefill
-        order = sorted(range(len(self._ranges)), key=lambda i: self._ranges[i][1]["q"][2])
-        for i in order:
-            lo, _, hi = self._ranges[i][1]["q"]
-            if lo <= q <= hi:
-                return i
-        raise SpectrtError(f"q={q} new tokens exceed the engine's largest profile (q <= {self.max_q}); "
-                           "feed the prompt in smaller chunks")
-
-    def forward(self, input_ids, position_ids, tree_mask) -> BaseOutputs:
-        """Run q new tokens on top of ``past`` (ids/positions ``[q]``, mask ``[q, q]``; a leading batch dim of 1
-        is accepted). Returns host copies: greedy_ids ``[q]``, hidden_states ``[q, H]``, logits ``[q, V]``
-        (None with ``copy_logits=False``). New K/V rows land in ``cache[past:past+q]``; ``commit`` keeps some.
-        """
-        ids = np.ascontiguousarray(input_ids, dtype=self._np_dtype("input_ids")).reshape(1, -1)  # [1, q]
-        q = ids.shape[1]
-        pos = np.ascontiguousarray(position_ids, dtype=self._np_dtype("position_ids")).reshape(1, q)
-        mask = np.ascontiguousarray(tree_mask, dtype=self._np_dtype("tree_mask")).reshape(1, q, q)
-        if q < 1:
-            raise SpectrtError("forward needs at least one new token")
+    def run(self, **inputs) -> dict[str, np.ndarray | None]:
+        assert self.device is not None
+        q = len(inputs[self.spec.inputs[0].name])
+        if not 1 <= q <= self.max_q:
+            raise SpectrtError(f"{self.graph} call with {q} tokens; the engine takes 1..{self.max_q} (feed the prompt "
+                               "in smaller chunks)")
         if self.past + q > self.max_context:
             raise ContextFull(f"context limit reached: {self.past} + {q} tokens > max context {self.max_context}")
-        self._select_profile(self._profile_for(q))
-        self._h2d("input_ids", ids)
-        self._h2d("position_ids", pos)
-        self._h2d("tree_mask", mask)
-        ctx = self.context
-        ctx.set_input_shape("input_ids", (1, q))
-        ctx.set_input_shape("position_ids", (1, q))
-        ctx.set_input_shape("tree_mask", (1, q, q))
-        past_shape = (self.past,) + self._kv_row  # [past, 1, kv_heads, head_dim]
-        offset = self.past * self._row_bytes
-        for i, (k, v) in enumerate(self._kv):
-            ctx.set_input_shape(f"past_key.{i}", past_shape)
-            ctx.set_input_shape(f"past_value.{i}", past_shape)
-            ctx.set_tensor_address(f"new_key.{i}", k + offset)  # cache[past:past+q]
-            ctx.set_tensor_address(f"new_value.{i}", v + offset)
+        self._select(self._pick_profile(q=q, past=self.past))
+        staged = []  # host inputs, alive until the stream is synchronized
+        for s in self.spec.inputs:
+            shape = self._shape(s, q)
+            arr = np.ascontiguousarray(inputs[s.name], dtype=self.dtypes[s.name]).reshape(shape)
+            self._set_shape(s.name, shape)
+            self.device.h2d(self.addresses[s.name], arr)
+            staged.append(arr)
+        for i in range(self.layers):
+            for kind in ("key", "value"):
+                self._set_shape(f"past_{kind}.{i}", (self.past,) + self.row)
         self._execute()
-        H, V = self._host["hidden_states"].shape[-1], self._host["logits"].shape[-1]
-        greedy = self._d2h("greedy_ids", (q,))
-        hidden = self._d2h("hidden_states", (q, H))
-        logits = self._d2h("logits", (q, V)) if self.copy_logits else None
-        self.stream.synchronize()
+        out: dict[str, np.ndarray | None] = {}
+        for s in self.spec.outputs:
+            if s.name in self.skip:
+                out[s.name] = None
+                continue
+            shape = self._shape(s, q)
+            view = self._host[s.name][:math.prod(shape)].reshape(shape)
+            self.device.d2h(view, self.addresses[s.name])
+            out[s.name] = view[0]
+        self.device.sync()
         self._last_q = q
-        return BaseOutputs(greedy.copy(), hidden.copy(), None if logits is None else logits.copy())
+        return out
 
-    def commit(self, accepted_rows) -> None:
-        """Keep rows ``past + accepted_rows[i]`` of the last forward as ``past + i``; advance ``past``."""
-        from polygraphy import cuda
-
-        rows = list(accepted_rows)
-        if rows and rows[-1] >= self._last_q:
-            raise SpectrtError(f"accepted row {rows[-1]} is beyond the {self._last_q} rows of the last forward")
-        plan = compaction_plan(rows)
-        rb = self._row_bytes
-        w = cuda.wrapper()
-        for k, v in self._kv:
-            for base in (k, v):
-                for src, dst, n in plan:  # device to device, stream-ordered, non-overlapping
-                    w.memcpy(base + (self.past + dst) * rb, base + (self.past + src) * rb, n * rb,
-                             cuda.MemcpyKind.DeviceToDevice, self.stream.ptr)
+    def commit(self, rows: Sequence[int]) -> None:
+        """Keep the last call's tokens at ``rows`` (strictly increasing) as cache rows ``past..past+len-1``."""
+        assert self.device is not None
+        rows = check_rows(rows, self._last_q)
+        rb = self.row_bytes
+        for src, dst, n in copy_runs(rows):
+            for cache, scratch in self._kv:
+                self.device.d2d(cache + (self.past + dst) * rb, scratch + src * rb, n * rb)  # stream-ordered
         self.past += len(rows)
         self._last_q = 0
 
-    def rollback(self, past: int) -> None:
-        """Forget everything after the first ``past`` tokens."""
-        if not 0 <= past <= self.past:
-            raise SpectrtError(f"cannot roll back to {past} (past is {self.past})")
-        self.past = past
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` committed tokens."""
+        if not 0 <= n <= self.past:
+            raise SpectrtError(f"rollback of {n} tokens with {self.past} in the cache")
+        self.past -= n
         self._last_q = 0
 
     def reset(self) -> None:
-        self.rollback(0)
+        self.past = 0
+        self._last_q = 0
 
 
-__all__ = ["compaction_plan", "EngineFromArtifact", "TrtGraphRunner", "TrtBaseRunner"]
+class TrtBaseRunner(TrtKVRunner):
+    """``base``: token ids in; greedy ids, hidden states and (with ``copy_logits``) logits out.
+
+    ``copy_logits=False`` skips the ``q x vocab`` device-to-host copy (greedy decoding needs only greedy_ids).
+    ``greedy_ids`` comes from the engine's TopK, which does not promise the contract's first-maximum index on
+    ties (docs/JETSON.md): exact ties can resolve differently than on ONNX Runtime or between profiles.
+    """
+
+    def __init__(self, artifact: Artifact, profile=None, max_q: int | None = None, max_context: int | None = None,
+                 copy_logits: bool = True, strict_gpu: bool = True):
+        super().__init__(artifact, BASE.name, profile, max_q, max_context, strict_gpu,
+                         skip=() if copy_logits else ("logits",))
+
+    def forward(self, input_ids, position_ids, tree_mask) -> BaseOutputs:
+        """q new tokens after ``past`` (ids/positions ``[q]``, mask ``[q, q]``) -> greedy_ids ``[q]``,
+        hidden_states ``[q, H]``, logits ``[q, V]`` or None; their K/V wait in the scratch for ``commit``."""
+        out = self.run(input_ids=input_ids, position_ids=position_ids, tree_mask=tree_mask)
+        return BaseOutputs(out["greedy_ids"], out["hidden_states"], out["logits"])  # type: ignore[arg-type]
+
+
+class TrtPrefixRunner(TrtKVRunner):
+    """``hydra_prefix`` (Hydra++): base hidden states of committed tokens in, prefix-layer context out."""
+
+    def __init__(self, artifact: Artifact, profile=None, max_q: int | None = None, max_context: int | None = None,
+                 strict_gpu: bool = True):
+        super().__init__(artifact, HYDRA_PREFIX.name, profile, max_q, max_context, strict_gpu)
+
+    def forward(self, hidden_states, position_ids, tree_mask) -> np.ndarray:
+        """Context states ``[q, H]`` (a host view, valid until the next call)."""
+        context = self.run(hidden_states=hidden_states, position_ids=position_ids, tree_mask=tree_mask)["context"]
+        assert context is not None
+        return context
+
+
+class TrtGraphRunner(_TrtRunner):
+    """A stateless graph (heads, draft_lm_head, hydra_head.i, hydra_lm_head.i): ``runner(**inputs)`` ->
+    ``{output: [batch, ...] host view}``, valid until the next call; the interface of ``OrtGraphRunner``."""
+
+    def __init__(self, artifact: Artifact, graph: str, profile=None, max_batch: int | None = None,
+                 strict_gpu: bool = True):
+        spec = graph_spec(graph)
+        if spec.per_layer_inputs:
+            raise SpectrtError(f"TrtGraphRunner runs stateless graphs, not '{graph}' (use TrtBaseRunner / "
+                               "TrtPrefixRunner)")
+        super().__init__(artifact, graph, profile, strict_gpu)
+        top = self.record.max_dims()["batch"]
+        self.max_batch = min(top, max_batch or top)
+        self._host: dict[str, np.ndarray] = {}
+
+    def _shape(self, spec, batch: int) -> tuple[int, ...]:
+        shape, _ = spec.resolve({**self.dims, "batch": batch}, MODEL_DTYPE)
+        return tuple(int(d) for d in shape)
+
+    def _allocate(self) -> None:
+        for s in self.spec.inputs + self.spec.outputs:
+            self._alloc(s.name, self._nbytes(s.name, self._shape(s, self.max_batch)))
+        for s in self.spec.outputs:
+            self._host[s.name] = np.empty(math.prod(self._shape(s, self.max_batch)), self.dtypes[s.name])
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        assert self.device is not None
+        batch = len(next(iter(inputs.values())))
+        if not 1 <= batch <= self.max_batch:
+            raise SpectrtError(f"{self.graph}: batch {batch} outside the engine's 1..{self.max_batch}")
+        self._select(self._pick_profile(batch=batch))
+        staged = []
+        for s in self.spec.inputs:
+            if s.name not in inputs:
+                raise SpectrtError(f"{self.graph} needs input '{s.name}'")
+            shape = self._shape(s, batch)
+            arr = np.ascontiguousarray(inputs[s.name], dtype=self.dtypes[s.name]).reshape(shape)
+            self._set_shape(s.name, shape)
+            self.device.h2d(self.addresses[s.name], arr)
+            staged.append(arr)
+        self._execute()
+        out = {}
+        for s in self.spec.outputs:
+            shape = self._shape(s, batch)
+            out[s.name] = view = self._host[s.name][:math.prod(shape)].reshape(shape)
+            self.device.d2h(view, self.addresses[s.name])
+        self.device.sync()
+        return out
+
+
+__all__ = ["ALIGN", "copy_runs", "TrtKVRunner", "TrtBaseRunner", "TrtPrefixRunner", "TrtGraphRunner"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from spectrt.commands._common import IntRange, command, complete_profiles, write_json
+from spectrt.profiles import load_profile
 from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
 from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
 
@@ -93,6 +94,7 @@ def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, transfo
         from spectrt.export.reference import HFGreedy
 
         hf = HFGreedy(_export_facts(artifact[0])[0], threads)
+    profile = load_profile(profile).name if profile is not None else None  # a YAML path -> its name
     config = SessionConfig(backend=backend, profile=profile, provider=provider, threads=threads, tree=tree,
                            verify=verify)
     report = run_bench(list(artifact), records, max_new_tokens, config, hf,

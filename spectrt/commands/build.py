@@ -11,7 +11,7 @@ from spectrt.commands._common import CommaList, command, complete_profiles, flat
 @click.option("--profile", required=True, shell_complete=complete_profiles,
               help="device profile name (spectrt devices) or YAML path")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8", "fp4"]), default=None,
-              show_default="the profile's default_precision", help="engine precision")
+              show_default="the export's dtype", help="engine precision (int8/fp8/fp4 need a graph with Q/DQ nodes)")
 @click.option("--timing-cache", default=None, metavar="FILE", help="TensorRT timing cache to reuse and update")
 @click.option("--graphs", type=CommaList(), multiple=True, show_default="all",
               help="only these graphs (comma-separated, or the option repeated)")

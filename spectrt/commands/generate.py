@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from spectrt.commands._common import IntRange, command, complete_profiles, to_json
+from spectrt.profiles import load_profile
 from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
 from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_NEW_TOKENS
 
@@ -40,6 +41,7 @@ def command(artifact, prompt, max_new_tokens, mode, tree, chat, backend, profile
 
     from spectrt.runtime.session import SessionConfig, SpecSession
 
+    profile = load_profile(profile).name if profile is not None else None  # a YAML path -> its name
     config = SessionConfig(backend=backend, profile=profile, provider=provider, max_context=max_context,
                            threads=threads, mode=mode, tree=tree, verify=verify)
     with SpecSession(artifact, config) as session:

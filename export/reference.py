@@ -3,23 +3,21 @@ from __future__ import annotations
 
 import time
 
+import torch
+
+from spectrt.export.sources import load_hf
+
 
 class HFGreedy:
     """Greedy generation with transformers on the model an artifact was exported from."""
 
     def __init__(self, model_spec: str, threads: int | None = None):
-        import torch
-
-        from spectrt.export.sources import load_hf
-
         if threads:
             torch.set_num_threads(threads)
         self.model, _ = load_hf(model_spec, progress=lambda *_: None)
 
     def __call__(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
         """(new tokens, decode seconds): the time of n tokens minus the time of the first (prefill) one."""
-        import torch
-
         x = torch.tensor([ids])
         eos = self.model.generation_config.eos_token_id
         kw = dict(do_sample=False, pad_token_id=eos if isinstance(eos, int) else None)

@@ -28,8 +28,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from spectrt.profiles.device import ProfileError, load_profile
+from spectrt.profiles.shapes import effective_max_context
+from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, graph_spec
+from spectrt.runtime.engines import engine_path, resolve_profile
 from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.trt_runner import TrtGraphRunner, TrtKVRunner
 
 VERIFY_Q_MAX = 64  # the verify curve goes q = 1, 2, 4, ..., 64 (capped by the profile's tree size)
 OBSERVE_Q = (1, 2, 4)  # prefix-layer calls after a step: the accepted path
@@ -150,8 +155,6 @@ class _TrtBackend:
     name = "trt"
 
     def __init__(self, art, profile):
-        from spectrt.runtime.engines import resolve_profile
-
         self.art = art
         first = BASE.name if art.has_graph(BASE.name) else next(iter(art.manifest.graphs))
         self.profile = resolve_profile(art, first, profile)
@@ -159,8 +162,6 @@ class _TrtBackend:
     @contextmanager
     def open(self, graph: str) -> Iterator[tuple[Call, dict | None]]:
         """The runner ``generate`` would use; limits: the largest q/past or batch its engine takes."""
-        from spectrt.runtime.trt_runner import TrtGraphRunner, TrtKVRunner
-
         spec = graph_spec(graph)
         if spec.per_layer_inputs:
             skip = ("logits",) if graph == BASE.name else ()
@@ -182,8 +183,6 @@ class _TrtBackend:
                 yield call, {"batch": runner.max_batch}
 
     def model_path(self, graph: str) -> str:
-        from spectrt.runtime.engines import engine_path
-
         return str(engine_path(self.art.root, graph, self.profile))
 
     def polygraphy_flags(self) -> list:
@@ -225,9 +224,6 @@ def profile_artifact(root, backend: str = "ort", iterations: int = 20, warmup: i
     ``profile``: a device profile (name, YAML path or DeviceProfile): bounds the shapes, and for ``trt``
     picks the engines (by the profile's name).
     """
-    from spectrt.profiles import ProfileError, effective_max_context, load_profile
-    from spectrt.runtime.artifact import load_artifact
-
     if iterations < 1 or warmup < 0:
         raise SpectrtError("--iterations must be >= 1 and --warmup >= 0")
     art = load_artifact(root)

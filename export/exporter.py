@@ -15,6 +15,7 @@ from spectrt.export.base import build_base_graph
 from spectrt.export.draft_export import export_medusa, validate_medusa
 from spectrt.export.draft_graphs import DraftTarget
 from spectrt.export.families import HFWeights, decoder_dims, rope_tables
+from spectrt.export.golden import make_golden
 from spectrt.export.files import staged
 from spectrt.export.hydra import is_hydra_checkpoint
 from spectrt.export.hydra_graphs import export_hydra, validate_hydra
@@ -23,10 +24,12 @@ from spectrt.export.shipped import builtin_vocab, shipped_heads
 from spectrt.export.sources import load_hf, resolve_model
 from spectrt.export.validate import VALIDATION_TEXT, validate_base
 from spectrt.export.vocabtrim import VocabTrim, hf_tokenizer_hash, load_vocab
-from spectrt.runtime.artifact import MANIFEST, Manifest, ModelInfo, TokenizerInfo, load_artifact, write_manifest
+from spectrt.runtime.artifact import (MANIFEST, Manifest, ModelInfo, TokenizerInfo, file_record, load_artifact,
+                                      write_manifest)
 from spectrt.runtime.contract import (CONTRACT_VERSION, DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK,
                                       DTYPE_ALIASES)
 from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.golden import write_golden
 from spectrt.version import __version__
 
 MIN_OPSET, MAX_OPSET = 13, 20  # TensorRT 10.x parses opsets up to 20
@@ -111,7 +114,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     if heads is not None and not (o.full_vocab or vocab or vocab_size):
         vocab, vocab_size = builtin_vocab(source.builtin) or (None, None)
 
-    steps = _Steps(progress, total=(5 if o.validate else 4) + (heads is not None))
+    steps = _Steps(progress, total=(6 if o.validate else 5) + (heads is not None))
     steps("loading model")
     model, tok = load_hf(source, progress, check_config=decoder_dims)
     dims = decoder_dims(model.config)
@@ -154,7 +157,10 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
                 checks += validate(art, model, heads, ids, trim)
             for c in checks:
                 progress(f"  ok  {c.name}: max |delta| {c.max_abs:.2e} (atol {c.atol:.0e})")
-            write_manifest(tmp, dataclasses.replace(manifest, validation=tuple(c.row() for c in checks)))
+            manifest = dataclasses.replace(manifest, validation=tuple(c.row() for c in checks))
+        steps("writing golden tokens for `spectrt selftest` (onnxruntime and torch, greedy)")
+        golden = write_golden(tmp, make_golden(load_artifact(tmp), model, tok))
+        write_manifest(tmp, dataclasses.replace(manifest, golden=file_record(tmp, golden)))
         steps(f"moving into place: {out}")
     return out
 

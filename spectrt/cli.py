@@ -27,6 +27,7 @@ COMMANDS = {
     "check": "spectrt.commands.check",
     "build": "spectrt.commands.build",
     "profile": "spectrt.commands.profile",
+    "selftest": "spectrt.commands.selftest",
     "devices": "spectrt.commands.devices",
 }
 RENAMED = {"profiles": "devices"}  # old name -> new; no aliases (`profiles` was one letter from `profile`)

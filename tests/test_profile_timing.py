@@ -10,21 +10,7 @@ import pytest
 from spectrt.cli import main
 from spectrt.profiles.timing import base_feeds, kv_feeds, random_tree_mask, shape_points
 from tests import trt_emulator
-from tests.tiny_artifact import TINY_DIMS, write_tiny_artifact
-
-SMALL = """base: orin-nano-8gb
-name: tiny-test
-precisions: [fp32, fp16]
-default_precision: fp32
-max_context: 256
-opt_context: 32
-max_tree_nodes: 16
-opt_tree_nodes: 8
-max_prefill_chunk: 32
-max_frontier: 16
-workspace_mb: 256
-builder_optimization_level: 1
-"""
+from tests.tiny_artifact import SMALL, TINY_DIMS, write_tiny_artifact
 
 
 @pytest.fixture(scope="module")

@@ -25,26 +25,11 @@ from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.protocols import BaseRunner, PrefixRunner
 from spectrt.runtime.trt_runner import TrtBaseRunner, TrtGraphRunner, TrtKVRunner, copy_runs
 from tests import trt_emulator
-from tests.tiny_artifact import TINY_DIMS, write_tiny_artifact
+from tests.tiny_artifact import SMALL, TINY_DIMS, write_tiny_artifact
 
 NANO = load_profile("orin-nano-8gb")
 THOR = load_profile("agx-thor")
 FACTS = DeviceFacts("10.3.0.30", "Orin (nvgpu)", "8.7")
-
-# a small device profile for the tiny artifacts: prefill chunks up to 32 tokens, trees up to 16 nodes
-SMALL = """base: orin-nano-8gb
-name: tiny-test
-precisions: [fp32, fp16]
-default_precision: fp32
-max_context: 256
-opt_context: 32
-max_tree_nodes: 16
-opt_tree_nodes: 8
-max_prefill_chunk: 32
-max_frontier: 16
-workspace_mb: 256
-builder_optimization_level: 1
-"""
 
 
 @pytest.fixture
@@ -592,3 +577,17 @@ def test_real_trt_base_runner_matches_onnxruntime(tmp_path, small):
             ref.commit(rows)
     with TrtGraphRunner(art, "heads") as heads:
         assert heads(hidden_states=np.zeros((2, TINY_DIMS["hidden"]), np.float32))["head_features"].shape[0] == 2
+
+
+def test_dry_run_plans_every_graph_for_every_device_profile(draft_exports, capsys):
+    """Done-when of the TensorRT issue: `build --dry-run` plans each graph of Medusa and Hydra++ exports on
+    every built-in device profile (Hydra's per-head graphs included: their dims are in the manifest)."""
+    from spectrt.profiles import list_profiles
+
+    for kind, art_dir in draft_exports.items():
+        graphs = list(load_artifact(art_dir).manifest.graphs)
+        for name in list_profiles():
+            assert main(["build", str(art_dir), "--profile", name, "--dry-run"]) == 0, (kind, name)
+            out = capsys.readouterr().out
+            missing = [g for g in graphs if f"{g}.onnx" not in out]
+            assert not missing, (kind, name, missing)

@@ -157,3 +157,38 @@ def test_checker_catches_drift():
 
     problems = check_class(IExecutionContext, stub_classes()["IExecutionContext"], "x")
     assert any("set_tensor_adress" in p for p in problems) and any("set_input_shape" in p for p in problems)
+
+
+def test_type_check_catches_a_misspelled_method_and_a_wrong_argument_count(tmp_path):
+    """What .ci/typecheck guards: mypy against the stubs rejects a misspelled TensorRT method and a call with
+    the wrong number of arguments, and accepts the correct calls."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mypy")
+    code = textwrap.dedent("""
+        import tensorrt as trt
+
+        def run(ctx: trt.IExecutionContext, stream: int) -> None:
+            ctx.set_tensor_address("input_ids", 256)
+            ctx.set_input_shape("input_ids", (1, 8))
+            ctx.execute_async_v3(stream)
+        """)
+    bad = code.replace("set_tensor_address", "set_tensor_adress").replace("execute_async_v3(stream)",
+                                                                         "execute_async_v3()")
+    (tmp_path / "mypy.ini").write_text(  # the stub sections of the project's mypy.ini
+        "[mypy]\npython_version = 3.10\nfollow_imports = silent\n"
+        "[mypy-tensorrt.*,tensorrt_bindings.*]\nignore_errors = True\n"
+        "[mypy-tensorrt_libs]\nignore_missing_imports = True\n")
+    results = {}
+    for name, src in (("good", code), ("bad", bad)):
+        (tmp_path / f"{name}.py").write_text(src)
+        results[name] = subprocess.run(
+            [sys.executable, "-m", "mypy", "--config-file", str(tmp_path / "mypy.ini"), "--cache-dir",
+             str(tmp_path / "cache"), str(tmp_path / f"{name}.py")],
+            capture_output=True, text=True, env={**os.environ, "MYPYPATH": str(STUBS)}, cwd=tmp_path)
+    assert results["good"].returncode == 0, results["good"].stdout
+    out = results["bad"].stdout
+    assert results["bad"].returncode == 1
+    assert '"IExecutionContext" has no attribute "set_tensor_adress"' in out, out
+    assert 'Missing positional argument "stream_handle"' in out or "Too few arguments" in out, out

@@ -14,6 +14,21 @@ from spectrt.export.onnx_graph import save_graph
 from spectrt.runtime.artifact import Manifest, ModelInfo, TokenizerInfo, write_manifest
 from spectrt.runtime.contract import CONTRACT_VERSION, DEFAULT_OPSET
 
+# A small device profile for the tiny artifacts: prefill chunks up to 32 tokens, trees up to 16 nodes
+SMALL = """base: orin-nano-8gb
+name: tiny-test
+precisions: [fp32, fp16]
+default_precision: fp32
+max_context: 256
+opt_context: 32
+max_tree_nodes: 16
+opt_tree_nodes: 8
+max_prefill_chunk: 32
+max_frontier: 16
+workspace_mb: 256
+builder_optimization_level: 1
+"""
+
 TINY_DIMS = {"hidden": 32, "vocab": 128, "num_layers": 2, "num_heads": 2, "kv_heads": 2, "head_dim": 16,
              "heads": 3, "topk": 4}
 

@@ -20,16 +20,16 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spectrt.calibration.config import DistillConfig
 from spectrt.calibration.generations import (default_cache_dir, default_generations_path, generate_responses,
                                              model_fingerprint)
 from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
 from spectrt.export.files import staged
-from spectrt.calibration.config import LOSSES, DistillConfig
+from spectrt.runtime.artifact import atomic_write
 from spectrt.runtime.errors import SpectrtError
 
 # ---------------------------------------------------------------------------------------- data
@@ -123,7 +123,7 @@ def cached_hidden(model, samples, cache_dir: Path, fingerprint: str, batch_token
                   progress: bool = True, log=print) -> HiddenSet:
     """``compute_hidden`` through an on-disk cache keyed by the model fingerprint and the samples."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     h = hashlib.sha256(fingerprint.encode())
     for p, r in samples:
@@ -139,16 +139,8 @@ def cached_hidden(model, samples, cache_dir: Path, fingerprint: str, batch_token
         except Exception:  # corrupt cache: recompute
             pass
     hs = compute_hidden(model, samples, batch_tokens, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hidden-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"hidden": hs.hidden.contiguous(), "tokens": hs.tokens,
-                   "lengths": torch.tensor(hs.lengths, dtype=torch.long)}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, save({"hidden": hs.hidden.contiguous(), "tokens": hs.tokens,
+                             "lengths": torch.tensor(hs.lengths, dtype=torch.long)}))
     return hs
 
 

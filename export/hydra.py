@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -485,10 +485,6 @@ def save_hydra(heads: HydraHeads, directory, half: bool = False, extra_config: d
         save_file(unique, str(tmp / HYDRA_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
-
-
-def config_dict(heads: HydraHeads) -> dict:
-    return asdict(heads.config)
 
 
 __all__ = ["ARCHS", "HydraConfig", "HydraHeads", "HydraResBlock", "PrefixLayer", "is_hydra_checkpoint",

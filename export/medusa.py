@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -389,7 +389,3 @@ def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, half: bool = F
         save_file(tensors, str(tmp / HEADS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
-
-
-def config_dict(heads: MedusaHeads) -> dict:
-    return asdict(heads.config)

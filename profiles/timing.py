@@ -17,8 +17,8 @@ Backends:
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import shlex
 import statistics
 import time
@@ -30,7 +30,7 @@ import numpy as np
 
 from spectrt.profiles.device import ProfileError, load_profile
 from spectrt.profiles.shapes import effective_max_context
-from spectrt.runtime.artifact import load_artifact
+from spectrt.runtime.artifact import atomic_write, load_artifact
 from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, graph_spec
 from spectrt.runtime.engines import engine_path, resolve_profile
 from spectrt.runtime.errors import SpectrtError
@@ -337,10 +337,10 @@ def plot_verify_curve(result: dict, path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, png.getbuffer())
     return path
 
 

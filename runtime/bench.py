@@ -12,6 +12,7 @@ from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from spectrt.runtime.drafters import drafter_for
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder, GenerationResult
 from spectrt.runtime.session import SessionConfig, SpecSession
@@ -67,11 +68,13 @@ class BenchReport:
 
 
 def run_bench(artifact_dirs, records, max_new_tokens: int, config: SessionConfig | None = None,
-              hf_generate=None, progress=None) -> BenchReport:
-    """AR (on the first artifact) vs speculative decoding of each artifact with draft heads.
+              hf_generate=None, progress=None, drafts=None) -> BenchReport:
+    """AR (on the first artifact) vs speculative decoding of each artifact in spec mode.
 
     ``records``: (category, prompt) pairs; ``hf_generate(ids, n) -> (tokens, seconds)`` adds a
-    transformers row. Every output is compared with the AR output.
+    transformers row; ``drafts``: draft sources to compare ("heads", "lookup", "heads+lookup"; None: the
+    config's), each a row ``spec:<draft>`` when there are several, all on the same base runner. Every
+    output is compared with the AR output.
     """
     config = config or SessionConfig()
     dirs = [artifact_dirs] if isinstance(artifact_dirs, (str, os.PathLike)) else list(artifact_dirs)
@@ -81,8 +84,16 @@ def run_bench(artifact_dirs, records, max_new_tokens: int, config: SessionConfig
         first = sessions[0]
         decoders = {"ar": Decoder(first.base, eos_ids=first.codec.eos_ids, prefill_chunk=config.prefill_chunk)}
         for d, s in zip(dirs, sessions):
-            if s.mode == "spec":
-                decoders["spec" if len(dirs) == 1 else f"spec:{Path(d).name}"] = s.decoder
+            if s.mode != "spec":
+                continue
+            for draft in drafts or [s.draft]:
+                name = ("spec" + (f":{Path(d).name}" if len(dirs) > 1 else "")
+                        + (f":{draft}" if drafts and len(drafts) > 1 else ""))
+                if draft == s.draft:
+                    decoders[name] = s.decoder
+                else:
+                    drafter = stack.enter_context(drafter_for(s.artifact, s.tree, s.runners, draft))
+                    decoders[name] = Decoder(s.base, drafter, s.codec.eos_ids, config.prefill_chunk)
         warm = first.codec.encode("Hello!")
         for d in decoders.values():
             d.generate(warm, 8)
@@ -105,19 +116,21 @@ def run_bench(artifact_dirs, records, max_new_tokens: int, config: SessionConfig
 
 def format_report(report: BenchReport) -> str:
     j = report.to_json()
+    w = max([14] + [len(m) + 2 for m in j["modes"]])
     lines = [f"prompts: {j['prompts']}   output mismatches vs AR: {j['mismatches']}", "",
-             f"{'mode':<14}{'tok/s':>9}{'tau':>8}{'draft ms':>10}{'verify ms':>11}{'tokens':>8}"]
+             f"{'mode':<{w}}{'tok/s':>9}{'tau':>8}{'draft ms':>10}{'verify ms':>11}{'tokens':>8}"]
     for m, r in j["modes"].items():
-        lines.append(f"{m:<14}{r['tok_s']:>9.2f}{r['tau']:>8.2f}{r['draft_ms_per_step']:>10.2f}"
+        lines.append(f"{m:<{w}}{r['tok_s']:>9.2f}{r['tau']:>8.2f}{r['draft_ms_per_step']:>10.2f}"
                      f"{r['verify_ms_per_step']:>11.2f}{r['tokens']:>8}")
     for m, x in j.get("speedups", {}).items():
         lines.append(f"speedup {m} / ar: {x:.2f}x")
     specs = [m for m in j["modes"] if m.startswith("spec")]
     if len(j["categories"]) > 1 and specs:
-        lines += ["", f"{'category':<16}{'ar tok/s':>10}" + "".join(f"{m + ' x / tau':>24}" for m in specs)]
+        cw = [max(16, len(m) + 10) for m in specs]
+        lines += ["", f"{'category':<16}{'ar tok/s':>10}" + "".join(f"{m + ' x / tau':>{c}}" for m, c in zip(specs, cw))]
         for c, ms in sorted(j["categories"].items()):
             ar = ms["ar"]["tok_s"]
-            cells = "".join(f"{ms[m]['tok_s'] / ar:>17.2f}x /{ms[m]['tau']:>5.2f}" for m in specs)
+            cells = "".join(f"{ms[m]['tok_s'] / ar:.2f}x / {ms[m]['tau']:.2f}".rjust(width) for m, width in zip(specs, cw))
             lines.append(f"{c:<16}{ar:>10.2f}{cells}")
     return "\n".join(lines)
 

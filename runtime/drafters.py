@@ -1,21 +1,28 @@
-"""Drafters fill a tree with candidate tokens. The decoder calls ``draft(root, hidden, tree)`` once per step.
+"""Drafters propose a token tree once per step: ``draft(root, hidden, budget) -> Draft(tokens, tree)``.
 
-Medusa: one heads call and one draft-LM-head call on the last accepted hidden state; node n of the tree
-takes rank ``rank[n]`` of head ``depth[n] - 1``. Hydra (sequential heads) lives in ``runtime.hydra``.
+Medusa: one heads call and one draft-LM-head call on the last accepted hidden state; node n of its static
+tree takes rank ``rank[n]`` of head ``depth[n] - 1``. Hydra (sequential heads) lives in ``runtime.hydra``,
+context drafting ("prompt lookup", no weights) in ``runtime.lookup``. ``MergedDrafter`` composes drafters:
+their trees merged into one token tree under one node budget.
 """
 from __future__ import annotations
+
+from contextlib import ExitStack
 
 import numpy as np
 
 from spectrt.runtime.artifact import Artifact
-from spectrt.runtime.errors import ArtifactError
+from spectrt.runtime.errors import ArtifactError, SpectrtError
 from spectrt.runtime.hydra import HydraDrafter
+from spectrt.runtime.lookup import LookupDrafter
 from spectrt.runtime.protocols import Runners
-from spectrt.runtime.tree import Tree
+from spectrt.runtime.tree import ROOT_ONLY, Draft, StaticTreeDrafter, Tree
 
 
 class RootOnly:
     """The drafter of autoregressive decoding: proposes nothing beyond the root."""
+
+    max_nodes = 1
 
     def __enter__(self):
         return self
@@ -23,8 +30,8 @@ class RootOnly:
     def __exit__(self, *exc):
         return False
 
-    def draft(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
-        return np.array([root], np.int64)
+    def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
+        return Draft(np.array([root], np.int64), ROOT_ONLY)
 
     def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
         pass
@@ -33,7 +40,7 @@ class RootOnly:
         pass
 
 
-class MedusaDrafter(RootOnly):
+class MedusaDrafter(StaticTreeDrafter):
     """heads + draft_lm_head graphs, both bound once; use inside ``with``."""
 
     def __init__(self, artifact: Artifact, tree: Tree, runners: Runners):
@@ -41,6 +48,7 @@ class MedusaDrafter(RootOnly):
         if draft is None or draft.kind != "medusa":
             raise ArtifactError(f"{artifact.root}: not a Medusa export")
         tree.check_drafter(draft.num_heads, draft.topk)
+        self.tree = tree
         self.heads = runners.graph("heads", 1)
         self.lm_head = runners.graph("draft_lm_head", 1)
 
@@ -54,7 +62,7 @@ class MedusaDrafter(RootOnly):
         self.lm_head.__exit__(*exc)
         return False
 
-    def draft(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
+    def fill(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
         tokens = np.empty(tree.size, np.int64)  # [q]
         tokens[0] = root
         if tree.size > 1:
@@ -64,11 +72,76 @@ class MedusaDrafter(RootOnly):
         return tokens
 
 
+class MergedDrafter:
+    """Several drafters' trees merged into one token tree of at most ``max_nodes`` nodes (root included).
+
+    Drafters are asked in order, each with the budget still free; a node whose token equals a sibling's
+    (from an earlier drafter) is the same node, so e.g. a lookup chain and the heads' rank-0 path share
+    nodes; nodes past the budget, and their subtrees, are dropped. Any tree verifies exactly, so the
+    output is the base model's whatever the drafters propose.
+    """
+
+    def __init__(self, drafters, max_nodes: int | None = None):
+        self.drafters = list(drafters)
+        self.max_nodes = max_nodes or 1 + sum(d.max_nodes - 1 for d in self.drafters)
+        self._stack = ExitStack()
+
+    def __enter__(self):
+        for d in self.drafters:
+            self._stack.enter_context(d)
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+    def reset(self) -> None:
+        for d in self.drafters:
+            d.reset()
+
+    def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
+        for d in self.drafters:
+            d.observe(hidden, tokens)
+
+    def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
+        budget = min(budget, self.max_nodes)
+        tokens, parent, kids = [int(root)], [-1], [{}]  # merged tree; kids[node]: {token: child node}
+        for d in self.drafters:
+            if len(tokens) >= budget:
+                break
+            part = d.draft(root, hidden, budget - len(tokens) + 1)
+            where = [0] * part.tree.size  # part's node -> merged node (-1: dropped)
+            for n in range(1, part.tree.size):
+                p = where[part.tree.parent[n]]
+                t = int(part.tokens[n])
+                m = kids[p].get(t, -1) if p >= 0 else -1
+                if m < 0 and p >= 0 and len(tokens) < budget:
+                    m = len(tokens)
+                    tokens.append(t)
+                    parent.append(p)
+                    kids.append({})
+                    kids[p][t] = m
+                where[n] = m
+        return Draft(np.array(tokens, np.int64), Tree.from_parents(parent))
+
+
 DRAFTERS = {"medusa": MedusaDrafter, "hydra": HydraDrafter}
+DRAFT_SOURCES = ("heads", "lookup", "heads+lookup")  # what `--draft` takes
 
 
-def drafter_for(artifact: Artifact, tree: Tree, runners: Runners):
-    """The export's drafter (the manifest's ``draft.kind``) on the given runners."""
+def heads_drafter(artifact: Artifact, tree: Tree, runners: Runners):
+    """The export's draft-head drafter (the manifest's ``draft.kind``) on the given runners."""
     if artifact.draft is None:
         raise ArtifactError(f"{artifact.root}: no draft heads in this export")
     return DRAFTERS[artifact.draft.kind](artifact, tree, runners)
+
+
+def drafter_for(artifact: Artifact, tree: Tree | None, runners: Runners, draft: str = "heads"):
+    """``draft``: "heads" (the export's heads on ``tree``), "lookup" (context drafting, no weights) or
+    "heads+lookup" (the lookup chain first, then the heads' tree, merged)."""
+    if draft not in DRAFT_SOURCES:
+        raise SpectrtError(f"unknown draft source '{draft}' (choose from {', '.join(DRAFT_SOURCES)})")
+    if draft == "lookup":
+        return LookupDrafter()
+    heads = heads_drafter(artifact, tree, runners)
+    return heads if draft == "heads" else MergedDrafter([LookupDrafter(), heads])

@@ -1,5 +1,7 @@
 """Greedy decoding: draft -> verify -> accept -> commit. Autoregressive decoding is the same loop with a
-one-node tree and no drafter, so there is exactly one loop to trust.
+one-node tree and no drafter, so there is exactly one loop to trust. The drafter returns the tree it filled
+each step (a static tree, a lookup chain, a merged token tree); the verify call takes that tree's size,
+depths (positions) and mask.
 """
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
 from spectrt.runtime.drafters import RootOnly
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.protocols import BaseRunner, Drafter
-from spectrt.runtime.tree import Tree
+from spectrt.runtime.tree import ROOT_ONLY
 
-AR_TREE = Tree.chain(0)
+AR_TREE = ROOT_ONLY
 
 
 @dataclass
@@ -48,16 +50,14 @@ class GenerationResult:
 
 
 class Decoder:
-    """Greedy generation on a base runner (ORT or TensorRT), optionally with a drafter and a tree."""
+    """Greedy generation on a base runner (ORT or TensorRT), optionally with a drafter."""
 
-    def __init__(self, base: BaseRunner, drafter: Drafter | None = None, tree: Tree | None = None, eos_ids=(),
+    def __init__(self, base: BaseRunner, drafter: Drafter | None = None, eos_ids=(),
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.base, self.eos = base, frozenset(int(e) for e in eos_ids)
         self.drafter = drafter or RootOnly()
-        self.tree = tree if drafter is not None and tree is not None else AR_TREE
         self.prefill_chunk = min(prefill_chunk, base.max_q)
-        if self.tree.size > base.max_q:
-            raise SpectrtError(f"tree of {self.tree.size} nodes exceeds the runner's {base.max_q} tokens per call")
+        self.max_nodes = min(self.drafter.max_nodes, base.max_q)  # an engine built for fewer rows gets smaller drafts
 
     def prefill(self, prompt: np.ndarray) -> tuple[int, np.ndarray]:
         """Fill the cache with the prompt (causal chunks); returns the first new token and its hidden state."""
@@ -72,10 +72,14 @@ class Decoder:
             self.drafter.observe(out.hidden_states, chunk)
         return int(out.greedy_ids[c - 1]), out.hidden_states[c - 1].copy()
 
-    def step(self, root: int, hidden: np.ndarray, tree: Tree, res: GenerationResult):
-        """One speculative step. Returns (accepted tokens after root + bonus, next root, its hidden)."""
+    def step(self, root: int, hidden: np.ndarray, budget: int, res: GenerationResult):
+        """One speculative step on at most ``budget`` nodes. Returns (accepted tokens after root + bonus,
+        next root, its hidden)."""
         t0 = time.perf_counter()
-        tokens = self.drafter.draft(root, hidden, tree)  # [q], tokens[0] == root
+        draft = self.drafter.draft(root, hidden, budget)
+        tokens, tree = draft.tokens, draft.tree  # [q], tokens[0] == root; q-node tree
+        if tree.size > budget:
+            raise SpectrtError(f"the drafter proposed {tree.size} nodes; the budget was {budget}")
         t1 = time.perf_counter()
         out = self.base.forward(tokens, self.base.past + tree.depth, tree.mask)  # verify all nodes at once
         path = tree.accept(tokens, out.greedy_ids)  # node ids, root first
@@ -111,9 +115,9 @@ class Decoder:
                 on_tokens(emitted)
             if stop:
                 break
-            # near the context limit, fall back to a tree that fits (any tree gives the same output)
-            tree = self.tree if self.base.past + self.tree.size <= limit else AR_TREE
-            new, root, hidden = self.step(root, hidden, tree, res)
+            # near the context limit the node budget shrinks to what fits (any tree gives the same output)
+            budget = min(self.max_nodes, limit - self.base.past)
+            new, root, hidden = self.step(root, hidden, budget, res)
         res.decode_s = time.perf_counter() - t0
         return res
 

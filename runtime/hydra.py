@@ -20,7 +20,7 @@ import numpy as np
 from spectrt.runtime.artifact import Artifact, EmbeddingRef
 from spectrt.runtime.errors import ArtifactError, SpectrtError
 from spectrt.runtime.protocols import Runners
-from spectrt.runtime.tree import Tree
+from spectrt.runtime.tree import StaticTreeDrafter, Tree
 
 PREFIX_MAX_Q = 64  # prefix-layer tokens per call; longer observations are split
 
@@ -77,7 +77,7 @@ def draft_plan(tree: Tree) -> list[_Depth]:
     return plan
 
 
-class HydraDrafter:
+class HydraDrafter(StaticTreeDrafter):
     """hydra_head.{i} (+ draft_lm_head or hydra_lm_head.{i}) runners, + the prefix runner for Hydra++,
     all made by ``runners`` (ONNX Runtime or TensorRT). Use inside ``with``."""
 
@@ -125,7 +125,7 @@ class HydraDrafter:
             self.prefix.reset()
         self.ctx = None
 
-    def draft(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
+    def fill(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
         tokens = np.empty(tree.size, np.int64)  # [q]
         tokens[0] = root
         if tree.size == 1:

@@ -57,14 +57,17 @@ class GraphRunner(Protocol):
 
 @runtime_checkable
 class Drafter(Protocol):
-    """Fills a tree with candidate tokens once per step.
+    """Proposes a tree of candidate tokens once per step.
 
-    ``draft(root, hidden [H], tree) -> tokens [q]`` (tokens[0] == root); ``observe(hidden [a, H], tokens [a])``
-    is called with every token committed to the base's cache (prompt chunks, then each step's accepted
-    path); ``reset()`` when a new sequence starts.
+    ``draft(root, hidden [H], budget) -> Draft(tokens [q], tree)`` with tokens[0] == root and q <= budget
+    (the decoder's budget is ``max_nodes``, less near the context limit); ``observe(hidden [a, H], tokens
+    [a])`` is called with every token committed to the base's cache (prompt chunks, then each step's
+    accepted path); ``reset()`` when a new sequence starts.
     """
 
-    def draft(self, root: int, hidden: np.ndarray, tree) -> np.ndarray: ...
+    max_nodes: int  # most nodes, root included, of any draft
+
+    def draft(self, root: int, hidden: np.ndarray, budget: int): ...
 
     def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None: ...
 

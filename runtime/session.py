@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from spectrt.runtime.artifact import Artifact, load_artifact
 from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
-from spectrt.runtime.drafters import drafter_for
+from spectrt.runtime.drafters import DRAFT_SOURCES, drafter_for
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder, GenerationResult
 from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, OrtBaseRunner, OrtGraphRunner, OrtPrefixRunner
@@ -16,6 +16,7 @@ from spectrt.runtime.tree import Tree
 
 DEFAULT_MAX_NEW_TOKENS = 128
 MODES = ("spec", "ar")
+DEFAULT_DRAFT = "heads"  # fastest measured on CPU (verify cost grows with the lookup chain); no heads: "lookup"
 
 
 @dataclass
@@ -25,8 +26,10 @@ class SessionConfig:
     provider: str = DEFAULT_PROVIDER
     max_context: int | None = None
     threads: int | None = None
-    mode: str | None = None  # None: "spec" when the export has a drafter, else "ar"
+    mode: str | None = None  # None: "spec" when the export has draft heads or a draft is asked for, else "ar"
     tree: str | None = None  # tree JSON path; None: the export's default tree
+    draft: str | None = None  # one of DRAFT_SOURCES; None: DEFAULT_DRAFT with draft heads, else "lookup"
+    # (an export without heads decodes autoregressively unless mode="spec" or draft="lookup")
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     verify: bool = False  # re-hash every file against the manifest before loading
 
@@ -76,28 +79,32 @@ class SpecSession:
             raise SpectrtError(f"unknown backend '{c.backend}' (choose from {', '.join(BACKENDS)})")
         self.artifact = load_artifact(artifact_dir, verify_hashes=c.verify)
         self.codec = TextCodec(self.artifact)
-        draft = self.artifact.draft
-        mode = c.mode or ("spec" if draft else "ar")
+        heads = self.artifact.draft
+        self.draft = c.draft or (DEFAULT_DRAFT if heads else "lookup")
+        if self.draft not in DRAFT_SOURCES:
+            raise SpectrtError(f"unknown draft source '{self.draft}' (choose from {', '.join(DRAFT_SOURCES)})")
+        mode = c.mode or ("spec" if heads or c.draft else "ar")
         if mode not in MODES:
             raise SpectrtError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
-        if mode == "spec" and not draft:
-            raise SpectrtError(f"{self.artifact.root}: no draft heads in this export; use --mode ar or export --heads")
+        if mode == "spec" and not heads and self.draft != "lookup":
+            raise SpectrtError(f"{self.artifact.root}: no draft heads in this export; use --draft lookup, "
+                               "--mode ar or export --heads")
         self.mode = mode
         self.runners = BACKENDS[c.backend](self.artifact, c)
-        self.tree = None
-        if mode == "spec":
-            self.tree = Tree.load(c.tree) if c.tree else Tree.from_paths(draft.tree)
+        self.tree = None  # the heads' static tree
+        if mode == "spec" and heads:
+            self.tree = Tree.load(c.tree) if c.tree else Tree.from_paths(heads.tree)
         self._stack = ExitStack()
 
     def __enter__(self):
         c = self.config
-        max_q = max(c.prefill_chunk, self.tree.size if self.tree else 1)
+        drafter = drafter_for(self.artifact, self.tree, self.runners, self.draft) if self.mode == "spec" else None
+        max_q = max(c.prefill_chunk, drafter.max_nodes if drafter else 1)
         try:
             self.base = self._stack.enter_context(self.runners.base(max_q))
-            drafter = None
-            if self.mode == "spec":
-                drafter = self._stack.enter_context(drafter_for(self.artifact, self.tree, self.runners))
-            self.decoder = Decoder(self.base, drafter, self.tree, self.codec.eos_ids, c.prefill_chunk)
+            if drafter is not None:
+                drafter = self._stack.enter_context(drafter)
+            self.decoder = Decoder(self.base, drafter, self.codec.eos_ids, c.prefill_chunk)
         except BaseException:
             self._stack.close()
             raise

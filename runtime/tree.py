@@ -1,11 +1,14 @@
-"""Static candidate trees: lists of paths of top-k ranks, and the buffers derived from them once.
+"""Candidate trees: the buffers a verify call needs (depth, mask, parent/children), built once per shape.
 
-A tree ``[[0], [0, 0], [1]]`` has a root (node 0, the token the base already chose) and one node per
-path: ``[0, 0]`` is "rank 0 of head 1 below rank 0 of head 0". Nodes are ordered by depth, so parents
-come first and an accepted root path has increasing node indices.
+A static tree is a list of paths of top-k ranks: ``[[0], [0, 0], [1]]`` has a root (node 0, the token the
+base already chose) and one node per path: ``[0, 0]`` is "rank 0 of head 1 below rank 0 of head 0"; its
+nodes are ordered by depth. A per-step token tree (``Tree.from_parents``) is any parent array whose
+parents come before their children; a child's "rank" is then its place among its siblings. Either way an
+accepted root path has increasing node indices, and ``accept`` walks children by token equality.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 from dataclasses import dataclass
@@ -67,9 +70,20 @@ class Tree:
         return cls(tuple(paths), parent, depth, rank, mask, tuple(children))
 
     @classmethod
+    def from_parents(cls, parent) -> "Tree":
+        """A token tree from ``parent[i]`` (-1 for node 0, else < i); cached per shape."""
+        return _from_parents(tuple(int(p) for p in parent))
+
+    def head(self, n: int) -> "Tree":
+        """The first ``n`` nodes (parents come first, so any prefix is a tree): a tree that fits ``n`` rows."""
+        if n >= self.size:
+            return self
+        return Tree.from_paths(self.paths[:max(n, 1) - 1])  # paths are sorted: the same nodes, ranks kept
+
+    @classmethod
     def chain(cls, length: int) -> "Tree":
         """Rank-0 path of ``length`` nodes below the root (length 0: plain autoregressive decoding)."""
-        return cls.from_paths([[0] * d for d in range(1, length + 1)])
+        return _from_parents(tuple(range(-1, length)))
 
     @classmethod
     def from_accuracy(cls, acc, size: int) -> "Tree":
@@ -122,3 +136,71 @@ class Tree:
 
     def to_json(self) -> dict:
         return {"paths": [list(p) for p in self.paths]}
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_parents(parent: tuple) -> Tree:
+    q = len(parent)
+    if q == 0 or parent[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parent) if i):
+        raise SpectrtError(f"a token tree's parents are -1 for node 0, then earlier nodes; got {list(parent)}")
+    par = np.array(parent, np.int64)
+    depth = np.zeros(q, np.int64)
+    rank = np.zeros(q, np.int64)
+    mask = np.eye(q, dtype=np.bool_)
+    children = [dict() for _ in range(q)]
+    paths: list = [()]
+    for n in range(1, q):
+        p = parent[n]
+        depth[n], rank[n] = depth[p] + 1, len(children[p])
+        children[p][int(rank[n])] = n
+        mask[n] = mask[p]
+        mask[n, n] = True
+        paths.append(paths[p] + (int(rank[n]),))
+    for a in (par, depth, rank, mask):
+        a.flags.writeable = False  # shared by every step that drafts this shape
+    return Tree(tuple(paths[1:]), par, depth, rank, mask, tuple(children))
+
+
+@functools.lru_cache(maxsize=256)
+def _head(paths: tuple, n: int) -> Tree:
+    return Tree.from_paths(paths[:max(n, 1) - 1])
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a drafter proposes for one step: ``tokens`` [q] (tokens[0] is the root) on ``tree`` (q nodes)."""
+    tokens: np.ndarray
+    tree: Tree
+
+
+ROOT_ONLY = Tree.chain(0)  # one node: autoregressive decoding
+
+
+class StaticTreeDrafter:
+    """Base of drafters that fill one fixed tree (Medusa, Hydra): ``fill(root, hidden, tree) -> tokens [q]``.
+    Under a smaller node budget (near the context limit) they fill the tree's first ``budget`` nodes."""
+
+    tree: Tree
+
+    @property
+    def max_nodes(self) -> int:
+        return self.tree.size
+
+    def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
+        tree = self.tree if budget >= self.tree.size else _head(self.tree.paths, budget)
+        return Draft(self.fill(root, hidden, tree), tree)
+
+    def fill(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
+        raise NotImplementedError
+
+    def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

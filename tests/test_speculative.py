@@ -6,24 +6,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spectrt.runtime.generate import Decoder, RootOnly
+from spectrt.runtime.generate import Decoder
 from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.ort_runner import OrtBaseRunner
-from spectrt.runtime.tree import Tree
+from spectrt.runtime.tree import StaticTreeDrafter, Tree
 
 PROMPT = list(range(20, 44))
 
 
-class OracleDrafter(RootOnly):
+class OracleDrafter(StaticTreeDrafter):
     """Drafts the true continuation (rank 0) with probability ``p`` per node, else a wrong token.
 
     Forces long accepted paths, so EOS inside a path, max-token and context edges all get exercised.
     """
 
-    def __init__(self, base, reference: list[int], p: float, seed: int):
-        self.base, self.ref, self.p, self.rng = base, reference, p, np.random.default_rng(seed)
+    def __init__(self, base, reference: list[int], p: float, seed: int, tree: Tree):
+        self.base, self.ref, self.p, self.rng, self.tree = base, reference, p, np.random.default_rng(seed), tree
 
-    def draft(self, root, hidden, tree):
+    def fill(self, root, hidden, tree):
         pos = self.base.past  # the root sits at this position of the sequence
         tokens = np.empty(tree.size, np.int64)
         tokens[0] = root
@@ -52,7 +52,7 @@ def llama(tiny_exports):
 def run(art, drafter_factory, tree, n, eos=(), max_context=None):
     with OrtBaseRunner(art, max_q=max(16, tree.size if tree else 1), max_context=max_context) as base:
         drafter = drafter_factory(base) if drafter_factory else None
-        return Decoder(base, drafter, tree, eos, prefill_chunk=16).generate(PROMPT, n)
+        return Decoder(base, drafter, eos, prefill_chunk=16).generate(PROMPT, n)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_spec_equals_ar_random_trees(llama, reference, paths, p, n, seed, eos_at
     tree = closed_tree(paths)
     eos = () if eos_at is None else (reference[len(PROMPT) + eos_at],)
     ar = run(llama, None, None, n, eos, ctx)
-    spec = run(llama, lambda b: OracleDrafter(b, reference, p, seed), tree, n, eos, ctx)
+    spec = run(llama, lambda b: OracleDrafter(b, reference, p, seed, tree), tree, n, eos, ctx)
     assert spec.tokens == ar.tokens
     assert spec.stop_reason == ar.stop_reason
     assert spec.steps <= ar.steps
@@ -77,7 +77,7 @@ def test_spec_equals_ar_random_trees(llama, reference, paths, p, n, seed, eos_at
 def test_oracle_accepts_whole_paths(llama, reference):
     """With a perfect drafter every step accepts the full depth + bonus: tau = depth + 1."""
     tree = Tree.chain(4)
-    res = run(llama, lambda b: OracleDrafter(b, reference, 1.0, 0), tree, 50)
+    res = run(llama, lambda b: OracleDrafter(b, reference, 1.0, 0, tree), tree, 50)
     assert res.tokens == reference[len(PROMPT):len(PROMPT) + 50]
     assert res.tau >= 4.5
 

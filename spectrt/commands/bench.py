@@ -6,7 +6,8 @@ import click
 from spectrt.commands._common import IntRange, command, complete_profiles, write_json
 from spectrt.profiles import load_profile
 from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
-from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
+from spectrt.runtime.drafters import DRAFT_SOURCES
+from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND, DEFAULT_DRAFT
 
 
 class VocabSizes(click.ParamType):
@@ -29,6 +30,22 @@ class VocabSizes(click.ParamType):
         return sizes
 
 
+class DraftSources(click.ParamType):
+    """``heads,lookup`` -> ["heads", "lookup"] (each one of DRAFT_SOURCES, no repeats)."""
+
+    name = "D,D,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        drafts = [s.strip() for s in str(value).split(",")]
+        bad = [d for d in drafts if d not in DRAFT_SOURCES]
+        if bad or len(set(drafts)) != len(drafts):
+            self.fail(f"takes distinct draft sources from {', '.join(DRAFT_SOURCES)} (comma-separated), "
+                      f"not '{value}'", param, ctx)
+        return drafts
+
+
 def _export_facts(path: str) -> tuple[str, int]:
     """(the source model for transformers, the vocabulary size) of an export: this command's only manifest read."""
     from spectrt.runtime.artifact import load_artifact
@@ -48,6 +65,10 @@ def _export_facts(path: str) -> tuple[str, int]:
 @click.option("-n", "--max-new-tokens", type=IntRange(min=1), default=128, metavar="N",
               help="new tokens per prompt at most")
 @click.option("--tree", default=None, metavar="JSON", show_default="the export's", help="tree JSON")
+@click.option("--draft", "drafts", type=DraftSources(), default=None,
+              show_default=f"{DEFAULT_DRAFT} with draft heads, else none (AR only)",
+              help=f"draft sources to compare, comma-separated ({', '.join(DRAFT_SOURCES)}): one row each, "
+                   "on the same prompts and base")
 @click.option("--transformers", is_flag=True,
               help="also time transformers' greedy generate on the source model (needs the export extra)")
 @click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=DEFAULT_BACKEND,
@@ -68,10 +89,11 @@ def _export_facts(path: str) -> tuple[str, int]:
 @click.option("--sweep-dir", default=None, show_default="DIR.vocab-sweep", help="where the sweep's variant exports go")
 @click.option("--plot", default=None, metavar="PNG", help="coverage and tau vs N plot of the sweep")
 @click.pass_context
-def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, transformers, backend, profile, provider,
-            threads, verify, json_out, vocab_sweep, vocab, sweep_dir, plot) -> int:
+def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, drafts, transformers, backend, profile,
+            provider, threads, verify, json_out, vocab_sweep, vocab, sweep_dir, plot) -> int:
     """Benchmark autoregressive decoding (on the first DIR) against speculative decoding with each DIR that
-    has draft heads, on the same prompts in one process, and check the outputs are identical.
+    has draft heads (or with --draft lookup), on the same prompts in one process, and check the outputs are
+    identical.
 
     Exit status 1 when a speculative output differs from the autoregressive one."""
     if vocab_sweep and not vocab:
@@ -88,7 +110,7 @@ def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, transfo
     records = load_prompt_records(prompts or DEFAULT_PROMPTS)[::stride][:limit]
     if vocab_sweep:
         return _sweep(artifact[0], records, vocab_sweep, vocab, sweep_dir, max_new_tokens, provider, threads, tree,
-                      json_out, plot)
+                      json_out, plot, drafts[0] if drafts else "heads")
     hf = None
     if transformers:
         from spectrt.export.reference import HFGreedy
@@ -96,23 +118,24 @@ def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, transfo
         hf = HFGreedy(_export_facts(artifact[0])[0], threads)
     profile = load_profile(profile).name if profile is not None else None  # a YAML path -> its name
     config = SessionConfig(backend=backend, profile=profile, provider=provider, threads=threads, tree=tree,
-                           verify=verify)
+                           draft=drafts[0] if drafts else None, verify=verify)
     report = run_bench(list(artifact), records, max_new_tokens, config, hf,
-                       progress=lambda r: tqdm(r, desc="bench", unit="prompt"))
+                       progress=lambda r: tqdm(r, desc="bench", unit="prompt"), drafts=drafts)
     print(format_report(report))
     if json_out:
         write_json(report.to_json(), json_out)
     return 1 if report.mismatches else 0
 
 
-def _sweep(artifact, records, sizes, vocab, sweep_dir, max_new_tokens, provider, threads, tree, json_out, plot) -> int:
+def _sweep(artifact, records, sizes, vocab, sweep_dir, max_new_tokens, provider, threads, tree, json_out, plot,
+           draft) -> int:
     from spectrt.calibration.vocab_sweep import format_rows, plot as plot_rows, sweep
     from spectrt.runtime.session import SessionConfig
 
     if "full" in sizes:
         full = _export_facts(artifact)[1]
         sizes = [full if s == "full" else s for s in sizes]
-    config = SessionConfig(provider=provider, threads=threads, tree=tree)
+    config = SessionConfig(provider=provider, threads=threads, tree=tree, draft=draft)
     rows = sweep(artifact, vocab, sizes, records, max_new_tokens, sweep_dir or f"{artifact.rstrip('/')}.vocab-sweep",
                  config)
     print(format_rows(rows))

@@ -5,6 +5,7 @@ printed (a benchmark, not a test: nothing here asserts a speed).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from contextlib import ExitStack
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from spectrt.runtime.drafters import drafter_for
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder, GenerationResult
+from spectrt.runtime.sampling import GREEDY, SamplingConfig
 from spectrt.runtime.session import SessionConfig, SpecSession
 
 
@@ -53,9 +55,10 @@ class BenchReport:
     categories: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(Totals)))
     prompts: int = 0
     mismatches: int = 0
+    sampling: SamplingConfig = GREEDY
 
     def to_json(self) -> dict:
-        out = {"prompts": self.prompts, "mismatches": self.mismatches,
+        out = {"prompts": self.prompts, "mismatches": self.mismatches, "sampling": dataclasses.asdict(self.sampling),
                "modes": {m: t.row() for m, t in self.modes.items()},
                "categories": {c: {m: t.row() for m, t in ms.items()} for c, ms in self.categories.items()}}
         ar = self.modes.get("ar")
@@ -78,11 +81,12 @@ def run_bench(artifact_dirs, records, max_new_tokens: int, config: SessionConfig
     """
     config = config or SessionConfig()
     dirs = [artifact_dirs] if isinstance(artifact_dirs, (str, os.PathLike)) else list(artifact_dirs)
-    report = BenchReport()
+    report = BenchReport(sampling=config.sampling)
     with ExitStack() as stack:
         sessions = [stack.enter_context(SpecSession(d, config)) for d in dirs]
         first = sessions[0]
-        decoders = {"ar": Decoder(first.base, eos_ids=first.codec.eos_ids, prefill_chunk=config.prefill_chunk)}
+        decoders = {"ar": Decoder(first.base, eos_ids=first.codec.eos_ids, prefill_chunk=config.prefill_chunk,
+                                   sampling=config.sampling)}
         for d, s in zip(dirs, sessions):
             if s.mode != "spec":
                 continue
@@ -93,7 +97,7 @@ def run_bench(artifact_dirs, records, max_new_tokens: int, config: SessionConfig
                     decoders[name] = s.decoder
                 else:
                     drafter = stack.enter_context(drafter_for(s.artifact, s.tree, s.runners, draft))
-                    decoders[name] = Decoder(s.base, drafter, s.codec.eos_ids, config.prefill_chunk)
+                    decoders[name] = Decoder(s.base, drafter, s.codec.eos_ids, config.prefill_chunk, config.sampling)
         warm = first.codec.encode("Hello!")
         for d in decoders.values():
             d.generate(warm, 8)
@@ -117,7 +121,9 @@ def run_bench(artifact_dirs, records, max_new_tokens: int, config: SessionConfig
 def format_report(report: BenchReport) -> str:
     j = report.to_json()
     w = max([14] + [len(m) + 2 for m in j["modes"]])
-    lines = [f"prompts: {j['prompts']}   output mismatches vs AR: {j['mismatches']}", "",
+    s = report.sampling
+    how = "greedy" if s.greedy else f"sampling: temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}, seed {s.seed}"
+    lines = [f"prompts: {j['prompts']}   output mismatches vs AR: {j['mismatches']}   ({how})", "",
              f"{'mode':<{w}}{'tok/s':>9}{'tau':>8}{'draft ms':>10}{'verify ms':>11}{'tokens':>8}"]
     for m, r in j["modes"].items():
         lines.append(f"{m:<{w}}{r['tok_s']:>9.2f}{r['tau']:>8.2f}{r['draft_ms_per_step']:>10.2f}"

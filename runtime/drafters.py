@@ -36,6 +36,9 @@ class RootOnly:
     def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
         pass
 
+    def rollback(self, n: int) -> None:
+        pass
+
     def reset(self) -> None:
         pass
 
@@ -102,6 +105,10 @@ class MergedDrafter:
     def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
         for d in self.drafters:
             d.observe(hidden, tokens)
+
+    def rollback(self, n: int) -> None:
+        for d in self.drafters:
+            d.rollback(n)
 
     def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
         budget = min(budget, self.max_nodes)

@@ -1,4 +1,4 @@
-"""Greedy decoding: draft -> verify -> accept -> commit. Autoregressive decoding is the same loop with a
+"""Decoding: draft -> verify -> accept -> commit (greedy, or seeded sampling: runtime.sampling). Autoregressive decoding is the same loop with a
 one-node tree and no drafter, so there is exactly one loop to trust. The drafter returns the tree it filled
 each step (a static tree, a lookup chain, a merged token tree); the verify call takes that tree's size,
 depths (positions) and mask.
@@ -14,6 +14,7 @@ from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
 from spectrt.runtime.drafters import RootOnly
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.protocols import BaseRunner, Drafter
+from spectrt.runtime.sampling import GREEDY, SamplingConfig, sample
 from spectrt.runtime.tree import ROOT_ONLY
 
 AR_TREE = ROOT_ONLY
@@ -27,6 +28,7 @@ class GenerationResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0  # verify calls
+    reused_tokens: int = 0  # prompt tokens whose K/V were kept from the previous generation (reuse=True)
     draft_s: float = 0.0
     verify_s: float = 0.0
 
@@ -42,35 +44,78 @@ class GenerationResult:
     def stats(self) -> dict:
         """JSON-safe figures (no NaN: ``tau``/``decode_tok_s`` are null when nothing was decoded)."""
         finite = lambda x, nd: round(x, nd) if x == x else None  # noqa: E731  (NaN != NaN)
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": len(self.tokens), "stop_reason": self.stop_reason,
+        return {"prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens,
+                "new_tokens": len(self.tokens), "stop_reason": self.stop_reason,
                 "prefill_ms": round(self.prefill_s * 1e3, 2), "decode_s": round(self.decode_s, 4),
                 "decode_tok_s": finite(self.decode_tok_s, 2), "steps": self.steps, "tau": finite(self.tau, 3),
                 "draft_ms_per_step": round(self.draft_s * 1e3 / max(self.steps, 1), 3),
                 "verify_ms_per_step": round(self.verify_s * 1e3 / max(self.steps, 1), 3)}
 
 
+class Drawn:
+    """The base's choice at each node of a verify call, drawn lazily: ``greedy_ids``, or with sampling the
+    token drawn from node n's logits with the random number of position ``positions[n]`` (runtime.sampling).
+    Acceptance reads only the nodes on its walk, so only those are sampled."""
+
+    def __init__(self, out, sampling: SamplingConfig, positions: np.ndarray):
+        self.out, self.sampling, self.positions = out, sampling, positions
+        self.drawn: dict[int, int] = {}
+
+    def __getitem__(self, node: int) -> int:
+        if self.sampling.greedy:
+            return int(self.out.greedy_ids[node])
+        if node not in self.drawn:
+            if self.out.logits is None:
+                raise SpectrtError("sampling needs the base runner's logits")
+            self.drawn[node] = sample(self.out.logits[node], self.sampling, int(self.positions[node]))
+        return self.drawn[node]
+
+
 class Decoder:
-    """Greedy generation on a base runner (ORT or TensorRT), optionally with a drafter."""
+    """Generation on a base runner (ORT or TensorRT), optionally with a drafter: greedy, or sampling that
+    speculative decoding reproduces exactly for a seed (runtime.sampling)."""
 
     def __init__(self, base: BaseRunner, drafter: Drafter | None = None, eos_ids=(),
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
-        self.base, self.eos = base, frozenset(int(e) for e in eos_ids)
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, sampling: SamplingConfig = GREEDY):
+        self.base, self.eos, self.sampling = base, frozenset(int(e) for e in eos_ids), sampling
         self.drafter = drafter or RootOnly()
         self.prefill_chunk = min(prefill_chunk, base.max_q)
         self.max_nodes = min(self.drafter.max_nodes, base.max_q)  # an engine built for fewer rows gets smaller drafts
+        self.history: list[int] | None = None  # the ids whose K/V rows the cache holds, in order
+        self.copy_logits = base.copy_logits  # the runner's setting for greedy decoding
 
-    def prefill(self, prompt: np.ndarray) -> tuple[int, np.ndarray]:
-        """Fill the cache with the prompt (causal chunks); returns the first new token and its hidden state."""
-        self.base.reset()
-        self.drafter.reset()
+    def prefill(self, prompt: np.ndarray, reuse: bool = False) -> tuple[int, np.ndarray, int]:
+        """Fill the cache with the prompt (causal chunks); returns the first new token, its hidden state and
+        how many prompt tokens were already cached. With ``reuse``, the longest common prefix of the prompt and
+        what the cache holds from the last generation stays (a conversation's next turn prefills only its new
+        tokens); the decoder must then own its base runner (nobody else writes to the cache)."""
         n = len(prompt)
-        for s in range(0, n, self.prefill_chunk):
+        keep = self._common_prefix(prompt) if reuse else 0
+        if keep:
+            self.base.rollback(self.base.past - keep)
+            self.drafter.rollback(len(self.history) - keep)
+            del self.history[keep:]
+        else:
+            self.base.reset()
+            self.drafter.reset()
+            self.history = []
+        for s in range(keep, n, self.prefill_chunk):
             chunk = prompt[s:s + self.prefill_chunk]
             c = len(chunk)
             out = self.base.forward(chunk, np.arange(s, s + c), np.tri(c, dtype=np.bool_))
             self.base.commit(range(c))
+            self.history.extend(int(x) for x in chunk)
             self.drafter.observe(out.hidden_states, chunk)
-        return int(out.greedy_ids[c - 1]), out.hidden_states[c - 1].copy()
+        first = Drawn(out, self.sampling, np.arange(n - c + 1, n + 1))[c - 1]  # the token at position n
+        return first, out.hidden_states[c - 1].copy(), keep
+
+    def _common_prefix(self, prompt: np.ndarray) -> int:
+        """Cached tokens the prompt starts with (at most len(prompt) - 1: the last one must run for its logits)."""
+        if self.history is None or self.base.past != len(self.history):  # a failed call, or another writer
+            return 0
+        limit = min(len(self.history), len(prompt) - 1)
+        same = np.flatnonzero(np.asarray(self.history[:limit]) != prompt[:limit])
+        return int(same[0]) if len(same) else limit
 
     def step(self, root: int, hidden: np.ndarray, budget: int, res: GenerationResult):
         """One speculative step on at most ``budget`` nodes. Returns (accepted tokens after root + bonus,
@@ -81,19 +126,24 @@ class Decoder:
         if tree.size > budget:
             raise SpectrtError(f"the drafter proposed {tree.size} nodes; the budget was {budget}")
         t1 = time.perf_counter()
-        out = self.base.forward(tokens, self.base.past + tree.depth, tree.mask)  # verify all nodes at once
-        path = tree.accept(tokens, out.greedy_ids)  # node ids, root first
+        positions = self.base.past + tree.depth  # [q]
+        out = self.base.forward(tokens, positions, tree.mask)  # verify all nodes at once
+        chosen = Drawn(out, self.sampling, positions + 1)  # the base's token after each node
+        path = tree.accept(tokens, chosen)  # node ids, root first
         self.base.commit(path)  # accepted KV rows move into place
+        self.history.extend(int(x) for x in tokens[path])
         self.drafter.observe(out.hidden_states[path], tokens[path])
         t2 = time.perf_counter()
         res.draft_s += t1 - t0
         res.verify_s += t2 - t1
         res.steps += 1
         last = path[-1]
-        bonus = int(out.greedy_ids[last])
+        bonus = chosen[last]
         return [int(t) for t in tokens[path[1:]]] + [bonus], bonus, out.hidden_states[last].copy()
 
-    def generate(self, prompt_ids, max_new_tokens: int, on_tokens=None) -> GenerationResult:
+    def generate(self, prompt_ids, max_new_tokens: int, on_tokens=None, reuse: bool = False) -> GenerationResult:
+        """Decode up to ``max_new_tokens`` after the prompt; ``on_tokens(list)`` gets each step's new tokens (it
+        may raise to stop, e.g. when a client is gone: the cache stays consistent). ``reuse``: see prefill()."""
         prompt = np.asarray(prompt_ids, np.int64)
         limit = self.base.max_context
         if len(prompt) == 0:
@@ -104,8 +154,9 @@ class Decoder:
         if max_new_tokens < 1:
             res.stop_reason = "max_tokens"
             return res
+        self.base.copy_logits = self.copy_logits or not self.sampling.greedy  # sampling draws from the logits
         t0 = time.perf_counter()
-        root, hidden = self.prefill(prompt)
+        root, hidden, res.reused_tokens = self._guarded(self.prefill, prompt, reuse)
         res.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         new = [root]
@@ -117,9 +168,17 @@ class Decoder:
                 break
             # near the context limit the node budget shrinks to what fits (any tree gives the same output)
             budget = min(self.max_nodes, limit - self.base.past)
-            new, root, hidden = self.step(root, hidden, budget, res)
+            new, root, hidden = self._guarded(self.step, root, hidden, budget, res)
         res.decode_s = time.perf_counter() - t0
         return res
+
+    def _guarded(self, call, *args):
+        """A prefill or step; if it fails half-way, the cache's token history is unknown: the next prefill resets."""
+        try:
+            return call(*args)
+        except BaseException:
+            self.history = None
+            raise
 
     def _emit(self, new: list, res: GenerationResult, max_new: int, limit: int) -> tuple[list, bool]:
         """Append tokens to the result, honouring EOS, max tokens and the context limit."""

@@ -125,6 +125,12 @@ class HydraDrafter(StaticTreeDrafter):
             self.prefix.reset()
         self.ctx = None
 
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` observed tokens (the next observe() recomputes the context state)."""
+        if self.prefix is not None:
+            self.prefix.rollback(n)
+        self.ctx = None
+
     def fill(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
         tokens = np.empty(tree.size, np.int64)  # [q]
         tokens[0] = root

@@ -41,6 +41,12 @@ class NgramIndex:
             for n in range(self.min_n, min(self.max_n, end) + 1):
                 last[tuple(seq[end - n:end])] = end
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens of the history (the index is rebuilt: O(length))."""
+        kept = self.tokens[:length]
+        self.reset()
+        self.extend(kept)
+
     def continuation(self, root: int, k: int) -> list[int]:
         """``k`` tokens that followed the most recent earlier occurrence of the longest matching
         suffix of ``history + [root]`` (n from max_n down to min_n); [] when nothing matches."""
@@ -81,6 +87,9 @@ class LookupDrafter:
 
     def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
         self.index.extend(tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)
+
+    def rollback(self, n: int) -> None:
+        self.index.truncate(len(self.index.tokens) - n)
 
     def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
         chain = self.index.continuation(int(root), min(self.max_tokens, budget - 1))  # [<= max_tokens]

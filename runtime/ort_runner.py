@@ -83,7 +83,7 @@ class BaseOutputs:
 
     greedy_ids: np.ndarray  # [q] int64
     hidden_states: np.ndarray  # [q, H]
-    logits: np.ndarray  # [q, V]
+    logits: np.ndarray | None  # [q, V]; None from a runner told not to copy them (copy_logits False)
 
 
 def check_rows(rows, q: int) -> list[int]:
@@ -195,6 +195,8 @@ class OrtKVRunner:
 
 class OrtBaseRunner(OrtKVRunner):
     """``base.onnx``: token ids in; greedy ids, final-norm hidden states and logits out."""
+
+    copy_logits = True  # the logits land in a bound host buffer either way: there is no copy to skip
 
     def __init__(self, artifact: Artifact, max_q: int, provider: str = DEFAULT_PROVIDER,
                  max_context: int | None = None, threads: int | None = None):

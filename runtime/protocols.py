@@ -32,7 +32,10 @@ class KVRunner(Protocol):
 @runtime_checkable
 class BaseRunner(KVRunner, Protocol):
     """``base``: ``forward(input_ids [q], position_ids [q], tree_mask [q, q])`` -> BaseOutputs
-    (greedy_ids [q], hidden_states [q, H], logits [q, V])."""
+    (greedy_ids [q], hidden_states [q, H], logits [q, V] or None when ``copy_logits`` is off: greedy
+    decoding needs only greedy_ids, sampling turns it on)."""
+
+    copy_logits: bool
 
     def forward(self, input_ids, position_ids, tree_mask): ...
 
@@ -62,7 +65,8 @@ class Drafter(Protocol):
     ``draft(root, hidden [H], budget) -> Draft(tokens [q], tree)`` with tokens[0] == root and q <= budget
     (the decoder's budget is ``max_nodes``, less near the context limit); ``observe(hidden [a, H], tokens
     [a])`` is called with every token committed to the base's cache (prompt chunks, then each step's
-    accepted path); ``reset()`` when a new sequence starts.
+    accepted path); ``rollback(n)`` forgets the last n observed tokens (a conversation's next turn keeps the
+    common prefix); ``reset()`` when a new sequence starts.
     """
 
     max_nodes: int  # most nodes, root included, of any draft
@@ -70,6 +74,8 @@ class Drafter(Protocol):
     def draft(self, root: int, hidden: np.ndarray, budget: int): ...
 
     def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None: ...
+
+    def rollback(self, n: int) -> None: ...
 
     def reset(self) -> None: ...
 

@@ -11,6 +11,7 @@ from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder, GenerationResult
 from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, OrtBaseRunner, OrtGraphRunner, OrtPrefixRunner
 from spectrt.runtime import trt_runner
+from spectrt.runtime.sampling import GREEDY, SamplingConfig
 from spectrt.runtime.text import StreamPrinter, TextCodec
 from spectrt.runtime.tree import Tree
 
@@ -32,6 +33,7 @@ class SessionConfig:
     # (an export without heads decodes autoregressively unless mode="spec" or draft="lookup")
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     verify: bool = False  # re-hash every file against the manifest before loading
+    sampling: SamplingConfig = GREEDY  # temperature 0: greedy
 
 
 class OrtRunners:
@@ -57,7 +59,7 @@ class TrtRunners:
         self.artifact, self.c = artifact, config
 
     def base(self, max_q: int) -> trt_runner.TrtBaseRunner:
-        return trt_runner.TrtBaseRunner(self.artifact, profile=self.c.profile, copy_logits=False)
+        return trt_runner.TrtBaseRunner(self.artifact, profile=self.c.profile, copy_logits=not self.c.sampling.greedy)
 
     def prefix(self, max_q: int) -> trt_runner.TrtPrefixRunner:
         return trt_runner.TrtPrefixRunner(self.artifact, profile=self.c.profile)
@@ -104,7 +106,7 @@ class SpecSession:
             self.base = self._stack.enter_context(self.runners.base(max_q))
             if drafter is not None:
                 drafter = self._stack.enter_context(drafter)
-            self.decoder = Decoder(self.base, drafter, self.codec.eos_ids, c.prefill_chunk)
+            self.decoder = Decoder(self.base, drafter, self.codec.eos_ids, c.prefill_chunk, c.sampling)
         except BaseException:
             self._stack.close()
             raise
@@ -118,6 +120,10 @@ class SpecSession:
     def max_context(self) -> int:
         return self.base.max_context
 
-    def generate(self, prompt_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stream=None) -> GenerationResult:
+    def generate(self, prompt_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stream=None,
+                 reuse: bool = False) -> GenerationResult:
+        """``stream``: a callable that gets text pieces as they are decoded. ``reuse``: keep the K/V of the
+        longest prefix this prompt shares with the previous generation's prompt + output (conversations:
+        the next turn prefills only its new tokens)."""
         on_tokens = StreamPrinter(self.codec, stream) if stream else None
-        return self.decoder.generate(prompt_ids, max_new_tokens, on_tokens)
+        return self.decoder.generate(prompt_ids, max_new_tokens, on_tokens, reuse=reuse)

@@ -123,11 +123,12 @@ class Tree:
         if self.size > 1 and self.max_rank >= topk:
             raise SpectrtError(f"tree uses rank {self.max_rank} but the draft LM head returns top-{topk}")
 
-    def accept(self, tokens: np.ndarray, greedy: np.ndarray) -> list[int]:
-        """Longest root path whose tokens equal the base's own choices; returns its node indices."""
+    def accept(self, tokens: np.ndarray, chosen) -> list[int]:
+        """Longest root path whose tokens equal the base's own choices (``chosen[node]``: the base's token
+        after ``node``); returns its node indices."""
         path, node = [0], 0
         while True:
-            want = greedy[node]
+            want = chosen[node]
             nxt = next((c for c in self.children[node].values() if tokens[c] == want), None)
             if nxt is None:
                 return path
@@ -194,6 +195,9 @@ class StaticTreeDrafter:
         raise NotImplementedError
 
     def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
+        pass
+
+    def rollback(self, n: int) -> None:
         pass
 
     def reset(self) -> None:

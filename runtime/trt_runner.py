@@ -308,6 +308,14 @@ class TrtBaseRunner(TrtKVRunner):
         super().__init__(artifact, BASE.name, profile, max_q, max_context, strict_gpu,
                          skip=() if copy_logits else ("logits",))
 
+    @property
+    def copy_logits(self) -> bool:
+        return "logits" not in self.skip
+
+    @copy_logits.setter
+    def copy_logits(self, on: bool) -> None:
+        self.skip = self.skip - {"logits"} if on else self.skip | {"logits"}
+
     def forward(self, input_ids, position_ids, tree_mask) -> BaseOutputs:
         """q new tokens after ``past`` (ids/positions ``[q]``, mask ``[q, q]``) -> greedy_ids ``[q]``,
         hidden_states ``[q, H]``, logits ``[q, V]`` or None; their K/V wait in the scratch for ``commit``."""

@@ -1,8 +1,8 @@
 """What every `spectrt` subcommand shares: the command class that turns SpectrtError into one line and
 exit status 2, range-checked number types with plain messages, option completion, strict JSON.
 
-Only click and the standard library are imported here (the runtime's errors module aside): loading a
-command never loads torch, transformers or onnx.
+Besides click and the standard library only torch-free runtime/profiles modules are imported here (the
+option groups need their defaults): loading a command never loads torch, transformers or onnx.
 """
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from pathlib import Path
 
 import click
 
+from spectrt.profiles.device import list_profiles, load_profile
 from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
+from spectrt.runtime.sampling import GREEDY, SamplingConfig
+from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
 
 
 def one_line(message) -> str:
@@ -127,9 +131,52 @@ def flatten(lists) -> list[str] | None:
 
 def complete_profiles(ctx, param, incomplete: str):
     """Shell completion of device profile names."""
-    from spectrt.profiles import list_profiles
-
     return [n for n in list_profiles() if n.startswith(incomplete)]
+
+
+# ----------------------------------------------------------------------------- option groups
+
+def _apply(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+def backend_options(threads_help: str = "ONNX Runtime intra-op threads"):
+    """--backend, --profile, --provider, --threads, --verify: where and how an export runs (generate, bench,
+    chat, serve). :func:`profile_name` turns --profile into the engines' key."""
+    return _apply([
+        click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=DEFAULT_BACKEND,
+                     help="ort: ONNX Runtime graphs; trt: TensorRT engines from `spectrt build`"),
+        click.option("--profile", default=None, shell_complete=complete_profiles,
+                     help="device profile (name or YAML) the TensorRT engines were built for"),
+        click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default=DEFAULT_PROVIDER,
+                     help="ONNX Runtime execution provider"),
+        click.option("--threads", type=IntRange(min=1), default=None, show_default="all cores", help=threads_help),
+        click.option("--verify", is_flag=True,
+                     help="re-hash every file against the manifest's sha256 first (sizes are always checked)"),
+    ])
+
+
+def profile_name(profile) -> str | None:
+    """--profile's engine key: a built-in name, or a YAML path resolved to the profile's name."""
+    return load_profile(profile).name if profile is not None else None
+
+
+sampling_options = _apply([
+    click.option("--temperature", type=FloatRange(min=0), default=GREEDY.temperature,
+                 help="sampling temperature; 0: greedy. Speculative output equals AR output for the same --seed"),
+    click.option("--top-k", type=IntRange(min=0), default=GREEDY.top_k, help="sample from the k most likely tokens; 0: all"),
+    click.option("--top-p", type=FloatRange(0, 1, min_open=True), default=GREEDY.top_p,
+                 help="sample from the smallest set of tokens holding this probability mass; 1: all"),
+    click.option("--seed", type=IntRange(0, 2**64 - 1), default=GREEDY.seed, help="sampling seed"),
+])
+
+
+def sampling_config(temperature: float, top_k: int, top_p: float, seed: int) -> SamplingConfig:
+    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
 # ----------------------------------------------------------------------------- strict JSON

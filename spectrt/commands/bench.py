@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import click
 
-from spectrt.commands._common import IntRange, command, complete_profiles, write_json
-from spectrt.profiles import load_profile
-from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
+from spectrt.commands._common import (IntRange, backend_options, command, profile_name, sampling_config,
+                                     sampling_options, write_json)
 from spectrt.runtime.drafters import DRAFT_SOURCES
-from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND, DEFAULT_DRAFT
+from spectrt.runtime.session import DEFAULT_DRAFT
 
 
 class VocabSizes(click.ParamType):
@@ -71,16 +70,8 @@ def _export_facts(path: str) -> tuple[str, int]:
                    "on the same prompts and base")
 @click.option("--transformers", is_flag=True,
               help="also time transformers' greedy generate on the source model (needs the export extra)")
-@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default=DEFAULT_BACKEND,
-              help="ort: ONNX Runtime graphs; trt: TensorRT engines from `spectrt build`")
-@click.option("--profile", default=None, shell_complete=complete_profiles,
-              help="device profile the TensorRT engines were built for")
-@click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default=DEFAULT_PROVIDER,
-              help="ONNX Runtime execution provider")
-@click.option("--threads", type=IntRange(min=1), default=None, show_default="all cores",
-              help="ONNX Runtime intra-op threads (and transformers' torch threads)")
-@click.option("--verify", is_flag=True,
-              help="re-hash every file against the manifest's sha256 first (sizes are always checked)")
+@backend_options("ONNX Runtime intra-op threads (and transformers' torch threads)")
+@sampling_options
 @click.option("--json", "json_out", default=None, metavar="OUT", help="write the figures as JSON")
 @click.option("--vocab-sweep", type=VocabSizes(), default=None,
               help="VocabTrim sweep: benchmark the draft LM head trimmed to each N ('full' = untrimmed)")
@@ -90,7 +81,8 @@ def _export_facts(path: str) -> tuple[str, int]:
 @click.option("--plot", default=None, metavar="PNG", help="coverage and tau vs N plot of the sweep")
 @click.pass_context
 def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, drafts, transformers, backend, profile,
-            provider, threads, verify, json_out, vocab_sweep, vocab, sweep_dir, plot) -> int:
+            provider, threads, verify, temperature, top_k, top_p, seed, json_out, vocab_sweep, vocab, sweep_dir,
+            plot) -> int:
     """Benchmark autoregressive decoding (on the first DIR) against speculative decoding with each DIR that
     has draft heads (or with --draft lookup), on the same prompts in one process, and check the outputs are
     identical.
@@ -101,6 +93,10 @@ def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, drafts,
                                ctx)
     if vocab_sweep and len(artifact) != 1:
         raise click.UsageError("--vocab-sweep takes one export", ctx)
+    sampling = sampling_config(temperature, top_k, top_p, seed)
+    if (transformers or vocab_sweep) and not sampling.greedy:
+        raise click.UsageError(f"{'--transformers' if transformers else '--vocab-sweep'} compares greedy decoding; "
+                               "drop --temperature", ctx)
     from tqdm import tqdm
 
     from spectrt.calibration.prompts import DEFAULT_PROMPTS, load_prompt_records
@@ -116,9 +112,8 @@ def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, drafts,
         from spectrt.export.reference import HFGreedy
 
         hf = HFGreedy(_export_facts(artifact[0])[0], threads)
-    profile = load_profile(profile).name if profile is not None else None  # a YAML path -> its name
-    config = SessionConfig(backend=backend, profile=profile, provider=provider, threads=threads, tree=tree,
-                           draft=drafts[0] if drafts else None, verify=verify)
+    config = SessionConfig(backend=backend, profile=profile_name(profile), provider=provider, threads=threads,
+                           tree=tree, draft=drafts[0] if drafts else None, verify=verify, sampling=sampling)
     report = run_bench(list(artifact), records, max_new_tokens, config, hf,
                        progress=lambda r: tqdm(r, desc="bench", unit="prompt"), drafts=drafts)
     print(format_report(report))

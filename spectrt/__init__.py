@@ -11,4 +11,13 @@ _checkout = Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "runtime" / "contract.py").is_file():
     __path__.append(str(_checkout))
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load"]
+
+
+def __getattr__(name):
+    # `spectrt.load` imports the runtime (onnxruntime, tokenizers) on first use only: `import spectrt` stays light
+    if name == "load":
+        from spectrt.runtime.api import load
+
+        return load
+    raise AttributeError(f"module 'spectrt' has no attribute {name!r}")

@@ -21,6 +21,8 @@ from spectrt.version import __version__
 COMMANDS = {
     "export": "spectrt.commands.export",
     "generate": "spectrt.commands.generate",
+    "chat": "spectrt.commands.chat",
+    "serve": "spectrt.commands.serve",
     "bench": "spectrt.commands.bench",
     "distill": "spectrt.commands.distill",
     "calibrate": "spectrt.commands.calibrate",

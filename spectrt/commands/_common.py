@@ -17,7 +17,8 @@ from spectrt.profiles.device import list_profiles, load_profile
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
 from spectrt.runtime.sampling import GREEDY, SamplingConfig
-from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
+from spectrt.runtime.drafters import DRAFT_SOURCES
+from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND, DEFAULT_DRAFT
 
 
 def one_line(message) -> str:
@@ -142,6 +143,20 @@ def _apply(options):
             f = option(f)
         return f
     return decorate
+
+
+decoding_options = _apply([
+    click.option("--mode", type=click.Choice(["spec", "ar"]), default=None,
+                 show_default="spec with draft heads or --draft lookup", help="speculative or autoregressive decoding"),
+    click.option("--tree", default=None, metavar="JSON", show_default="the export's",
+                 help="tree JSON (lists of top-k rank paths)"),
+    click.option("--draft", type=click.Choice(DRAFT_SOURCES), default=None,
+                 show_default=f"{DEFAULT_DRAFT} with draft heads, else none (AR)",
+                 help="speculative drafts: the export's heads, context lookup (n-gram copy from prompt + output, "
+                      "no weights: spec mode even without heads), or both merged into one tree"),
+    click.option("--max-context", type=IntRange(min=1), default=None, show_default="the export's",
+                 help="cap the KV cache (tokens: prompt + output)"),
+])
 
 
 def backend_options(threads_help: str = "ONNX Runtime intra-op threads"):

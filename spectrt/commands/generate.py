@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import click
 
-from spectrt.commands._common import (IntRange, backend_options, command, profile_name, sampling_config,
-                                     sampling_options, to_json)
-from spectrt.runtime.drafters import DRAFT_SOURCES
-from spectrt.runtime.session import DEFAULT_DRAFT, DEFAULT_MAX_NEW_TOKENS, SessionConfig, SpecSession
+from spectrt.commands._common import (IntRange, backend_options, command, decoding_options, profile_name,
+                                     sampling_config, sampling_options, to_json)
+from spectrt.runtime.session import DEFAULT_MAX_NEW_TOKENS, SessionConfig, SpecSession
 
 
 @command("generate", short_help="generation from an exported directory (greedy or seeded sampling)")
@@ -15,22 +14,13 @@ from spectrt.runtime.session import DEFAULT_DRAFT, DEFAULT_MAX_NEW_TOKENS, Sessi
               help="the prompt text (wrapped in the export's chat template unless --no-chat)")
 @click.option("-n", "--max-new-tokens", type=IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
               help="generate at most N new tokens (fewer at an end-of-sequence token or the context limit)")
-@click.option("--mode", type=click.Choice(["spec", "ar"]), default=None,
-              show_default="spec with draft heads or --draft lookup", help="speculative or autoregressive decoding")
-@click.option("--tree", default=None, metavar="JSON", show_default="the export's",
-              help="tree JSON (lists of top-k rank paths)")
-@click.option("--draft", type=click.Choice(DRAFT_SOURCES), default=None,
-              show_default=f"{DEFAULT_DRAFT} with draft heads, else none (AR)",
-              help="speculative drafts: the export's heads, context lookup (n-gram copy from prompt + output, "
-                   "no weights: spec mode even without heads), or both merged into one tree")
+@decoding_options
 @click.option("--chat/--no-chat", default=True, help="wrap the prompt in the chat template (--no-chat: raw prompt)")
 @backend_options()
-@click.option("--max-context", type=IntRange(min=1), default=None, show_default="the export's",
-              help="cap the KV cache (tokens)")
 @sampling_options
 @click.option("--json", "json_out", is_flag=True, help="print machine-readable stats instead of streaming text")
-def command(artifact, prompt, max_new_tokens, mode, tree, draft, chat, backend, profile, provider, threads, verify,
-            max_context, temperature, top_k, top_p, seed, json_out) -> int:
+def command(artifact, prompt, max_new_tokens, mode, tree, draft, max_context, chat, backend, profile, provider, threads,
+            verify, temperature, top_k, top_p, seed, json_out) -> int:
     """Generation from DIR, the output of `spectrt export`: speculative decoding with the export's draft heads
     and/or context lookup, or autoregressive; greedy, or sampling with --temperature (speculative output is
     token for token the autoregressive output for the same --seed). Streams the text to stdout, or prints

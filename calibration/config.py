@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from spectrt.runtime.errors import SpectrtError
 
 LOSSES = ("lm", "teacher")
+LM_HEADS = ("shared", "own")  # shared: the heads reuse the base's LM head; own: one LM head per head
 
 
 @dataclass
@@ -15,7 +16,8 @@ class DistillConfig:
     arch: str = "medusa"
     heads: int = 3
     layers: int = 1
-    version: str = "2"
+    lm_head: str = "shared"  # one of LM_HEADS
+    version: str | None = None  # deprecated spelling of lm_head: "1" = own, "2" = shared (validate() maps it)
     limit: int | None = None  # number of prompts taken from the file (first N)
     max_new_tokens: int = 128
     epochs: int = 2
@@ -34,11 +36,20 @@ class DistillConfig:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     bf16: bool | None = None  # frozen LM-head matmuls in bfloat16 (None: when the CPU has native bf16)
 
+    @property
+    def shared_lm_head(self) -> bool:
+        return self.lm_head == "shared"
+
     def validate(self) -> None:
         if self.arch != "medusa":
             raise SpectrtError(f"unsupported draft architecture '{self.arch}' (supported: medusa)")
-        if str(self.version) not in ("1", "2"):
-            raise SpectrtError(f"--version must be 1 or 2, not {self.version}")
+        if self.version is not None:
+            if str(self.version) not in ("1", "2"):
+                raise SpectrtError(f"--version must be 1 or 2, not {self.version} (deprecated: use --lm-head "
+                                   f"{'|'.join(LM_HEADS)})")
+            self.lm_head, self.version = ("own" if str(self.version) == "1" else "shared"), None
+        if self.lm_head not in LM_HEADS:
+            raise SpectrtError(f"--lm-head must be one of {', '.join(LM_HEADS)}, not {self.lm_head}")
         if self.loss not in LOSSES:
             raise SpectrtError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss}")
         for name in ("heads", "epochs", "max_new_tokens", "batch_size", "gen_batch_size"):

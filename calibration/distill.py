@@ -201,7 +201,7 @@ def _head_loss(heads, hidden, tidx, data: HiddenSet, lm_weight, loss: str, decay
     kk = torch.arange(K).expand_as(tidx)[valid]  # [M] head of each (row, head) pair
     rows = tidx[valid]  # [M] row of the token to predict
     f = feats[valid]  # [M, H]
-    if heads.config.version == "2":
+    if heads.config.shared_lm_head:
         logits = F.linear(f.to(lm_weight.dtype), lm_weight)
     else:
         L = heads.config.num_layers
@@ -358,9 +358,9 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
     lm_weight = out_emb.weight.detach().float()
     V, H = lm_weight.shape
     mcfg = MedusaConfig(num_heads=cfg.heads, num_layers=cfg.layers, hidden_size=H, vocab_size=V,
-                        version=str(cfg.version), base_model_name_or_path=model_name)
+                        shared_lm_head=cfg.shared_lm_head, base_model_name_or_path=model_name)
     heads = MedusaHeads(mcfg)
-    if mcfg.version == "1":  # like the reference: each head's LM head starts as a copy of the base's
+    if not mcfg.shared_lm_head:  # like the reference: each head's LM head starts as a copy of the base's
         for head in heads.medusa_head:
             head[cfg.layers].weight.data.copy_(lm_weight)
 
@@ -374,7 +374,7 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
         "model": model_name,
         "model_fingerprint": fingerprint,
         "arch": cfg.arch,
-        "version": mcfg.version,
+        "shared_lm_head": mcfg.shared_lm_head,
         "num_heads": cfg.heads,
         "num_layers": cfg.layers,
         "loss": cfg.loss,

@@ -223,7 +223,7 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
     lm_weight = out_emb.weight.detach().float()
     emb = model.get_input_embeddings().weight.detach().float()  # frozen E
     V, H = lm_weight.shape
-    shared = str(cfg.version) == "2"
+    shared = cfg.shared_lm_head
     hcfg = HydraConfig(num_heads=cfg.heads, num_layers=cfg.layers, hidden_size=H, vocab_size=V, arch=arch,
                        shared_lm_head=shared, dropout=cfg.dropout,
                        prefix=prefix_dims(model.config) if full else None, base_model_name_or_path=model_name)

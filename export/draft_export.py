@@ -21,7 +21,7 @@ def export_medusa(heads_path: str, t: DraftTarget) -> tuple[dict[str, GraphRecor
     heads = load_medusa(heads_path)
     check_compatible(heads, t.dims.hidden, t.dims.vocab)
     c = heads.config
-    shared = c.version == "2"  # the heads use the base's LM head
+    shared = c.shared_lm_head  # the heads use the base's LM head
     state = {k: v.detach().float().numpy() for k, v in heads.reference_state_dict().items()}
     if shared:
         lm = t.model.get_output_embeddings().weight.detach().float().numpy()  # [V, H], the base's LM head
@@ -48,7 +48,7 @@ def validate_medusa(artifact, model, heads_path: str, prompt_ids: list[int], tri
     with torch.no_grad():
         hidden = model(torch.tensor([prompt_ids]), output_hidden_states=True).hidden_states[-1][0]  # [n, H]
         feats = heads.features(hidden)  # [n, K, H]
-        lm = model.get_output_embeddings().weight if heads.config.version == "2" else None  # shared LM head
+        lm = model.get_output_embeddings().weight if heads.config.shared_lm_head else None
         logits = heads.logits(hidden, lm)  # [n, K, V]
         kept = torch.as_tensor(trim.kept_ids) if trim is not None else None
         if kept is not None:

@@ -12,21 +12,35 @@ path drafted so far::
 one extra Llama decoder layer ("prefix attention": RMSNorm, RoPE attention, MLP, final RMSNorm) run over the
 base hidden states of the whole context. ``E`` is the base model's frozen input embedding.
 
-Public format (the reference ``hydra_lm_head`` layout), read and written:
+Public format: the reference saves ``torch.save(hydra_head.state_dict(), "hydra_lm_head.pt")`` (its
+``HydraMLP`` for arch ``mlp``, ``HydraPrefixMLP`` for ``prefix-mlp``) next to a ``config.json``
+(``hydra_num_heads``, ``hydra_num_layers``, ``hydra_head_arch``, ``grounded_heads``, ``hidden_state_offset``,
+``base_model_name_or_path``), and loads it with ``load_state_dict(strict=False)``. The key layout depends on the
+arch (``L`` blocks per head; the L - 1 plain blocks are ONE module, made by list multiplication):
 
-* ``config.json``: ``hydra_num_heads``, ``hydra_num_layers``, ``hydra_head_arch`` (``mlp`` | ``prefix-mlp``),
-  ``grounded_heads``, ``hidden_state_offset``, ``base_model_name_or_path`` (+ spectrt's ``prefix`` dims and
-  ``shared_lm_head``);
-* ``hydra_lm_head.pt`` (``torch.load(weights_only=True)`` only) and/or ``hydra_lm_head.safetensors`` with keys
-  ``hydra_mlp.{i}.{j}.linear.{weight,bias}``, ``hydra_mlp.{i}.1.res_connection.{weight,bias}``,
-  ``hydra_lm_head.{i}.1.{weight,bias}`` (``hydra_lm_head.{i}.{weight,bias}`` accepted too) and
-  ``prefix_embeding_layer.{layers.0.*,norm.weight}``.
+* ``mlp``: ``hydra_mlp.{i}`` is ``Sequential(Res_first, *[Block] * (L - 1))`` (no Dropout): keys
+  ``hydra_mlp.{i}.0.{linear,res_connection}.{weight,bias}``, ``hydra_mlp.{i}.{1..L-1}.linear.{weight,bias}``;
+  ``hydra_lm_head.{i}`` is a bare ``Linear``: ``hydra_lm_head.{i}.{weight,bias}``.
+* ``prefix-mlp``: ``hydra_mlp.{i}`` is ``Sequential(Dropout, Res_first, *[Dropout, Block] * (L - 1))``: keys
+  ``hydra_mlp.{i}.1.{linear,res_connection}.*``, ``hydra_mlp.{i}.{3,5,..,2L-1}.linear.*``; ``hydra_lm_head.{i}``
+  is ``Sequential(Dropout, Linear)``: ``hydra_lm_head.{i}.1.{weight,bias}``; the prefix layer is a one-layer
+  ``LlamaModel`` copied from transformers 4.31: ``prefix_embeding_layer.{embed_tokens.weight, layers.0.*,
+  norm.weight}`` where ``layers.0.self_attn.rotary_emb.inv_freq`` is a *persistent* buffer.
 
-``hydra_mlp.{i}`` is ``Sequential(Dropout, Res_first, *[Dropout, Block] * (L - 1))``: the list multiplication
-makes the L - 1 plain blocks (j = 3, 5, ...) ONE module, so the same tensor appears under several keys (a
-``.pt``), or only one of the keys is present (safetensors drops aliases). Both load; aliased keys holding
-different values are refused. The reference prefix layer's unused full vocabulary embedding
-(``prefix_embeding_layer.embed_tokens.weight``) is dropped on load and never written.
+Reading: both block layouts are accepted for either arch (index 0 never holds weights in the Dropout layout,
+so the two cannot be confused), which also keeps checkpoints written by earlier spectrt versions (Dropout
+layout for every arch) loading. Aliased plain-block keys may all be present (``.pt``: one storage under
+several names) or only some (safetensors drops aliases); aliases holding different values are refused. The
+prefix layer's unused vocabulary table (``embed_tokens.weight``, the reference feeds ``inputs_embeds``) and
+its ``rotary_emb.inv_freq`` buffers (shape-checked; the rotary table comes from the base model) are dropped.
+Any other key is refused with one line.
+
+Writing (``save_hydra``): ``hydra_lm_head.pt`` (aliases included, like the reference) + ``hydra_lm_head.safetensors``
+(aliases dropped) in the reference layout of the heads' arch, with the ``inv_freq`` buffer for ``prefix-mlp``;
+only the unused ``embed_tokens.weight`` is left out. Heads sharing the base LM head (a spectrt extension; the
+reference always has per-head LM heads, initialised from the base's ``lm_head`` and then loaded with
+``strict=False``) are written with all-zero per-head LM biases when the vocabulary size is known, so the
+reference ends up with exactly the shared head; spectrt reads bias-only, all-zero LM heads back as shared.
 """
 from __future__ import annotations
 
@@ -51,7 +65,8 @@ PREFIX_KEYS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.
 _ROOT = re.compile(r"(?:^|\.)(hydra_mlp|hydra_lm_head|prefix_embeding_layer)\.")
 _MLP_KEY = re.compile(r"^hydra_mlp\.(\d+)\.(\d+)\.(linear|res_connection)\.(weight|bias)$")
 _LM_KEY = re.compile(r"^hydra_lm_head\.(\d+)\.(?:1\.)?(weight|bias)$")
-_PREFIX_IGNORED = ("prefix_embeding_layer.embed_tokens.weight", "prefix_embeding_layer.rotary_emb.inv_freq")
+_INV_FREQ = re.compile(r"^(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")  # under prefix_embeding_layer.
+INV_FREQ_KEY = "prefix_embeding_layer.layers.0.self_attn.rotary_emb.inv_freq"  # transformers 4.31: persistent
 
 
 @dataclass
@@ -250,17 +265,41 @@ class HydraHeads(nn.Module):
         return lin.weight, lin.bias
 
     def reference_state_dict(self) -> dict[str, torch.Tensor]:
-        """Reference keys; aliased plain blocks appear under every key (same tensor), like the reference."""
-        return dict(self.state_dict())
+        """The state dict of the reference module for this arch (see the module docstring): ``mlp`` without the
+        Dropout offsets (first block at index 0, bare ``Linear`` LM heads), ``prefix-mlp`` as here plus the prefix
+        layer's persistent ``rotary_emb.inv_freq``. Aliased plain blocks appear under every key (same tensor), like
+        the reference. Shared-LM-head heads of known vocabulary get all-zero per-head LM biases (the reference
+        initialises its per-head LM weights from the base's LM head). Only ``embed_tokens.weight`` is missing."""
+        c = self.config
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.state_dict().items():
+            out[_to_reference_key(key, c.arch)] = value
+        if c.shared_lm_head and c.vocab_size:
+            for i in range(c.num_heads):
+                out[_to_reference_key(f"hydra_lm_head.{i}.1.bias", c.arch)] = torch.zeros(c.vocab_size)
+        if c.arch == "prefix-mlp":
+            out[INV_FREQ_KEY] = self.prefix_embeding_layer.inv_freq
+        return out
 
     def unique_state_dict(self) -> dict[str, torch.Tensor]:
-        """Reference keys with aliases dropped (first key of each tensor kept), for safetensors."""
+        """``reference_state_dict`` with aliases dropped (first key of each tensor kept), for safetensors."""
         seen, out = set(), {}
-        for k, v in self.state_dict().items():
+        for k, v in self.reference_state_dict().items():
             if v.data_ptr() not in seen:
                 seen.add(v.data_ptr())
                 out[k] = v
         return out
+
+
+def _to_reference_key(key: str, arch: str) -> str:
+    """A ``HydraHeads`` state-dict key (Dropout layout, ``hydra_lm_head.{i}.1.*``) -> the reference key of ``arch``."""
+    if arch != "mlp":
+        return key
+    if m := re.match(r"^hydra_mlp\.(\d+)\.(\d+)\.(.*)$", key):
+        return f"hydra_mlp.{m[1]}.{(int(m[2]) - 1) // 2}.{m[3]}"
+    if m := re.match(r"^hydra_lm_head\.(\d+)\.1\.(.*)$", key):
+        return f"hydra_lm_head.{m[1]}.{m[2]}"
+    return key
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -313,7 +352,8 @@ def _find_state(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
 
 def heads_from_state_dict(state: dict, config: dict | None = None, where: str = "hydra heads",
                           base_config=None) -> HydraHeads:
-    """Build ``HydraHeads`` from reference keys; K, L, H, V from the shapes (config for what they lack)."""
+    """Build ``HydraHeads`` from reference keys (either block layout, see the module docstring); K, L, H, V from
+    the shapes (config for what they lack)."""
     config = config or {}
     arch = str(config.get("hydra_head_arch", "prefix-mlp" if any(k.startswith("prefix_embeding_layer.")
                                                                    for k in state) else "mlp"))
@@ -328,16 +368,29 @@ def heads_from_state_dict(state: dict, config: dict | None = None, where: str = 
     mlp: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
     lm: dict[int, dict[str, torch.Tensor]] = {}
     prefix: dict[str, torch.Tensor] = {}
+    dropped: dict[str, torch.Tensor] = {}  # the prefix layer's rotary buffers: shape-checked below
     for key, value in state.items():
         if m := _MLP_KEY.match(key):
             mlp.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[f"{m[3]}.{m[4]}"] = value
         elif m := _LM_KEY.match(key):
             lm.setdefault(int(m[1]), {})[m[2]] = value
         elif key.startswith("prefix_embeding_layer."):
-            if key not in _PREFIX_IGNORED:
-                prefix[key[len("prefix_embeding_layer."):]] = value
+            sub = key[len("prefix_embeding_layer."):]
+            if _INV_FREQ.match(sub):
+                dropped[key] = value
+            elif sub != "embed_tokens.weight":  # the reference's unused vocabulary table
+                prefix[sub] = value
         else:
-            raise SpectrtError(f"{where}: unexpected key {key!r}")
+            raise SpectrtError(f"{where}: unexpected key {key!r} (expected hydra_mlp.*, hydra_lm_head.* or "
+                               "prefix_embeding_layer.*)")
+    # block layout: reference ``mlp`` puts the first block at index 0 (no Dropout); the Dropout layout never does
+    bare = any(0 in blocks for blocks in mlp.values())
+    if bare:
+        mlp = {i: {2 * j + 1: v for j, v in blocks.items()} for i, blocks in mlp.items()}  # -> Dropout layout
+
+    def fj(j: int) -> int:  # module index in the file of Dropout-layout index j
+        return (j - 1) // 2 if bare else j
+
     K = len(mlp)
     if K == 0 or sorted(mlp) != list(range(K)):
         raise SpectrtError(f"{where}: hydra_mlp head indices {sorted(mlp)} are not 0..{max(K - 1, 0)}")
@@ -346,7 +399,7 @@ def heads_from_state_dict(state: dict, config: dict | None = None, where: str = 
         raise SpectrtError(f"{where}: config says {n_cfg} heads, the weights hold {K}")
     first = mlp[0].get(1, {})
     if "linear.weight" not in first:
-        raise SpectrtError(f"{where}: head 0 lacks its first block (hydra_mlp.0.1.linear.weight)")
+        raise SpectrtError(f"{where}: head 0 lacks its first block (hydra_mlp.0.{fj(1)}.linear.weight)")
     H = first["linear.weight"].shape[0]
     max_j = max(j for blocks in mlp.values() for j in blocks)
     L = max(int(config.get("hydra_num_layers") or 1), (max_j + 1) // 2)
@@ -355,51 +408,63 @@ def heads_from_state_dict(state: dict, config: dict | None = None, where: str = 
         blocks = mlp[i]
         bad = [j for j in blocks if j % 2 == 0 or j > 2 * L - 1]
         if bad:
-            raise SpectrtError(f"{where}: head {i} has weights at module index {bad[0]} (expected 1, 3, ..., {2 * L - 1})")
+            allowed = f"0..{L - 1}" if bare else f"1, 3, ..., {2 * L - 1}"
+            raise SpectrtError(f"{where}: head {i} has weights at module index {fj(bad[0])} (expected {allowed})")
         b0 = blocks.get(1, {})
         want = (H, H * (i + 2))
         for name in ("linear.weight", "res_connection.weight"):
             if name not in b0:
-                raise SpectrtError(f"{where}: head {i} lacks hydra_mlp.{i}.1.{name}"
+                raise SpectrtError(f"{where}: head {i} lacks hydra_mlp.{i}.{fj(1)}.{name}"
                                    + (" (ungrounded heads are not supported)" if name.startswith("res") else ""))
             if tuple(b0[name].shape) != want:
-                raise SpectrtError(f"{where}: hydra_mlp.{i}.1.{name} has shape {tuple(b0[name].shape)}, expected "
-                                   f"{list(want)} (hidden {H} x {i + 2} inputs)")
+                raise SpectrtError(f"{where}: hydra_mlp.{i}.{fj(1)}.{name} has shape {tuple(b0[name].shape)}, "
+                                   f"expected {list(want)} (hidden {H} x {i + 2} inputs)")
         for name in ("linear", "res_connection"):
             sd[f"hydra_mlp.{i}.1.{name}.weight"] = b0[f"{name}.weight"]
             sd[f"hydra_mlp.{i}.1.{name}.bias"] = b0.get(f"{name}.bias", torch.zeros(H))
-        # the plain blocks j = 3, 5, ... are one module in the reference: fill aliases, refuse differing ones
+        # the plain blocks are one module in the reference: fill aliases, refuse differing ones
         plain = [j for j in range(3, 2 * L, 2)]
         present = [j for j in plain if "linear.weight" in blocks.get(j, {})]
         if plain and not present:
-            raise SpectrtError(f"{where}: head {i} lacks its plain ResBlock weights (hydra_mlp.{i}.3.linear.*)")
+            raise SpectrtError(f"{where}: head {i} lacks its plain ResBlock weights (hydra_mlp.{i}.{fj(3)}.linear.*)")
         if present:
             ref = blocks[present[0]]
             for j in present[1:]:
                 for n in ("linear.weight", "linear.bias"):
                     if n in blocks[j] and n in ref and not torch.equal(blocks[j][n], ref[n]):
-                        raise SpectrtError(f"{where}: hydra_mlp.{i}.{j}.{n} differs from hydra_mlp.{i}.{present[0]}."
-                                           f"{n}; the reference shares these blocks (list multiplication)")
+                        raise SpectrtError(f"{where}: hydra_mlp.{i}.{fj(j)}.{n} differs from hydra_mlp.{i}."
+                                           f"{fj(present[0])}.{n}; the reference shares these blocks (list "
+                                           "multiplication)")
             if tuple(ref["linear.weight"].shape) != (H, H):
-                raise SpectrtError(f"{where}: hydra_mlp.{i}.{present[0]}.linear.weight has shape "
+                raise SpectrtError(f"{where}: hydra_mlp.{i}.{fj(present[0])}.linear.weight has shape "
                                    f"{tuple(ref['linear.weight'].shape)}, expected [{H}, {H}]")
             bias = next((blocks[j]["linear.bias"] for j in present if "linear.bias" in blocks[j]), torch.zeros(H))
             for j in plain:
                 sd[f"hydra_mlp.{i}.{j}.linear.weight"] = ref["linear.weight"]
                 sd[f"hydra_mlp.{i}.{j}.linear.bias"] = bias
     vocab = None
-    shared = not lm
+    if lm and sorted(lm) != list(range(K)):
+        raise SpectrtError(f"{where}: LM heads {sorted(lm)} do not match the {K} hydra heads")
+    # bias-only, all-zero LM heads: spectrt's shared-LM-head heads written for the reference (module docstring)
+    shared = not lm or all("weight" not in lm[i] and "bias" in lm[i] and lm[i]["bias"].ndim == 1
+                           and not lm[i]["bias"].any() for i in range(K))
     if not shared:
-        if sorted(lm) != list(range(K)):
-            raise SpectrtError(f"{where}: LM heads {sorted(lm)} do not match the {K} hydra heads")
         for i in range(K):
             w = lm[i].get("weight")
             if w is None or w.ndim != 2 or w.shape[1] != H or (vocab is not None and w.shape[0] != vocab):
                 raise SpectrtError(f"{where}: hydra_lm_head.{i} weight has shape "
                                    f"{None if w is None else tuple(w.shape)}, expected [{vocab or 'V'}, {H}]")
             vocab = w.shape[0]
+            b = lm[i].get("bias", torch.zeros(vocab))
+            if tuple(b.shape) != (vocab,):
+                raise SpectrtError(f"{where}: hydra_lm_head.{i} bias has shape {tuple(b.shape)}, expected [{vocab}]")
             sd[f"hydra_lm_head.{i}.1.weight"] = w
-            sd[f"hydra_lm_head.{i}.1.bias"] = lm[i].get("bias", torch.zeros(vocab))
+            sd[f"hydra_lm_head.{i}.1.bias"] = b
+    elif lm:
+        sizes = {lm[i]["bias"].shape[0] for i in range(K)}
+        if len(sizes) != 1:
+            raise SpectrtError(f"{where}: the shared-LM-head heads' zero biases have different sizes {sorted(sizes)}")
+        vocab = sizes.pop()
     else:
         vocab = config.get("vocab_size")
     pdims = None
@@ -410,7 +475,8 @@ def heads_from_state_dict(state: dict, config: dict | None = None, where: str = 
             raise SpectrtError(f"{where}: prefix-mlp (Hydra++) heads lack prefix layer weights "
                                f"(prefix_embeding_layer.layers.0.{missing[0]} ...)" if missing[0] != "norm.weight"
                                else f"{where}: prefix-mlp heads lack prefix_embeding_layer.norm.weight")
-        extra = [k for k in prefix if not (k == "norm.weight" or k[len("layers.0."):] in PREFIX_KEYS)]
+        extra = [k for k in prefix if not (k == "norm.weight" or k.startswith("layers.0.")
+                                           and k[len("layers.0."):] in PREFIX_KEYS)]
         if extra:
             raise SpectrtError(f"{where}: unsupported prefix layer weight prefix_embeding_layer.{extra[0]} "
                                "(one bias-free Llama decoder layer is supported)")
@@ -430,6 +496,12 @@ def heads_from_state_dict(state: dict, config: dict | None = None, where: str = 
         pdims["intermediate_size"] = prefix["layers.0.mlp.gate_proj.weight"].shape[0]
         for k, v in prefix.items():
             sd[f"prefix_embeding_layer.{k}"] = v
+    for key, value in dropped.items():  # rotary tables come from the base model; only their shape is checked
+        if pdims is None:
+            raise SpectrtError(f"{where}: unexpected key {key!r} (arch mlp has no prefix layer)")
+        if tuple(value.shape) != (pdims["head_dim"] // 2,):
+            raise SpectrtError(f"{where}: {key} has shape {tuple(value.shape)}, expected [{pdims['head_dim'] // 2}] "
+                               f"(head dim {pdims['head_dim']} / 2)")
     hcfg = HydraConfig(num_heads=K, num_layers=L, hidden_size=H, vocab_size=vocab, arch=arch, shared_lm_head=shared,
                        prefix=pdims, base_model_name_or_path=str(config.get("base_model_name_or_path") or ""))
     heads = HydraHeads(hcfg)
@@ -459,8 +531,10 @@ def check_compatible(heads: HydraHeads, hidden_size: int, vocab_size: int, kv_he
 
 
 def save_hydra(heads: HydraHeads, directory, half: bool = False, extra_config: dict | None = None) -> Path:
-    """Write ``config.json`` + ``hydra_lm_head.pt`` (reference keys, aliases included, as the reference saves)
-    + ``hydra_lm_head.safetensors`` (aliases dropped). Assembled in a temporary sibling, moved into place."""
+    """Write ``config.json`` + ``hydra_lm_head.pt`` (the reference module's keys for the arch, aliases included, as
+    the reference saves) + ``hydra_lm_head.safetensors`` (aliases dropped). The reference loads the ``.pt`` into its
+    ``HydraMLP`` / ``HydraPrefixMLP`` with every weight in place (see ``HydraHeads.reference_state_dict``).
+    Assembled in a temporary sibling, moved into place."""
     from safetensors.torch import save_file
 
     directory = Path(directory).expanduser()
@@ -470,7 +544,7 @@ def save_hydra(heads: HydraHeads, directory, half: bool = False, extra_config: d
               "grounded_heads": True, "hidden_state_offset": 0, "base_model_name_or_path": c.base_model_name_or_path,
               "hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "shared_lm_head": c.shared_lm_head,
               "dropout_rate": c.dropout, "prefix": c.prefix, "torch_dtype": "float16" if half else "float32",
-              "format": "spectrt-hydra/1 (reference hydra_lm_head keys)"}
+              "format": "spectrt-hydra/2 (reference hydra_lm_head keys and layout of the arch)"}
     config.update(extra_config or {})
     dtype = torch.float16 if half else torch.float32
     cast = {}  # one converted tensor per source tensor, so aliases stay aliases in the .pt

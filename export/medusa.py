@@ -5,16 +5,21 @@ a guess for token ``t+k+2`` (head 0 guesses the token after the base's own next 
 
     h -> ResBlock^L(h) -> LM head        ResBlock(x) = x + SiLU(Linear(x))
 
-* v1 (the original Medusa): every head owns an ``nn.Linear(H, V, bias=False)`` LM head.
-* v2 (``version: "2"``): all heads reuse the base model's LM head; the heads file holds only the
-  ResBlocks (K*L*H*(H+1) parameters, ~2.6 MB fp16 for K=4, L=1, H=576).
+* own LM heads (the original Medusa): every head owns an ``nn.Linear(H, V, bias=False)`` LM head.
+* shared LM head (``shared_lm_head``, spectrt's default): all heads reuse the base model's LM head; the heads
+  file holds only the ResBlocks (K*L*H*(H+1) parameters, ~2.6 MB fp16 for K=4, L=1, H=576).
+
+spectrt called these two "v1" and "v2" before; "v2" was not the paper's Medusa-2 (heads fine-tuned jointly
+with the base model, see the full checkpoints below), so the names are gone. ``MedusaConfig`` still accepts the
+old ``version`` values ("1": own, "2": shared) and exposes ``version`` read-only for old callers (deprecated).
 
 On-disk formats (both read, the first one written):
 
 * the reference ``medusa_lm_head`` layout: a directory with ``config.json`` (``medusa_num_heads``,
-  ``medusa_num_layers``, ``base_model_name_or_path``, optional ``version``) and
+  ``medusa_num_layers``, ``base_model_name_or_path``; spectrt adds ``shared_lm_head``) and
   ``medusa_lm_head.safetensors`` or ``medusa_lm_head.pt`` whose keys are ``{h}.{l}.linear.weight``,
-  ``{h}.{l}.linear.bias`` and, for v1, ``{h}.{L}.weight``;
+  ``{h}.{l}.linear.bias`` and, with own LM heads, ``{h}.{L}.weight`` (whether the heads share the base LM head
+  is read from the keys, never from the config);
 * full "Medusa-2" model checkpoints: a directory of ``*.safetensors`` / ``*.bin`` / ``*.pt`` state dicts
   whose keys hold ``medusa_head.{h}.{l}...`` next to the base model's weights.
 
@@ -26,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,23 +45,61 @@ _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 _FULL_KEY = re.compile(r"(?:^|\.)medusa_head\.(\d+\.\d+\.(?:linear\.weight|linear\.bias|weight))$")
 
 
-@dataclass
-class MedusaConfig:
-    num_heads: int
-    num_layers: int
-    hidden_size: int
-    vocab_size: int | None  # None: v2 heads whose file does not say (taken from the base)
-    version: str = "2"  # "1": each head owns an LM head; "2": heads share the base model's LM head
-    base_model_name_or_path: str = ""
+_LEGACY_VERSION = {"1": False, "v1": False, "2": True, "v2": True}  # spectrt's old names: "2" = shared LM head
 
-    def __post_init__(self):
-        self.version = str(self.version)
-        if self.version not in ("1", "2"):
-            raise SpectrtError(f"medusa version must be '1' or '2', not {self.version!r}")
+
+def shared_from_version(version) -> bool:
+    """spectrt's old Medusa ``version`` value ("1" | "2", also 1, 2, "v1", "v2") -> ``shared_lm_head``."""
+    key = str(version).strip().lower()
+    if key not in _LEGACY_VERSION:
+        raise SpectrtError(f"medusa version must be '1' (own LM heads) or '2' (shared LM head), not {version!r}")
+    return _LEGACY_VERSION[key]
+
+
+class MedusaConfig:
+    """K heads of L ResBlocks each on hidden size H. ``shared_lm_head``: the heads reuse the base model's LM head
+    (no per-head LM heads in the file); False: each head owns an ``nn.Linear(H, V, bias=False)``.
+
+    ``version=`` ("1" | "2") and a string/int in ``shared_lm_head``'s position are the deprecated spelling of the
+    same choice and still accepted; ``config.version`` reads "2" for shared, "1" for own."""
+
+    def __init__(self, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int | None,
+                 shared_lm_head: bool | str | int | None = None, base_model_name_or_path: str = "", *,
+                 version=None):
+        if shared_lm_head is not None and not isinstance(shared_lm_head, bool):  # positional legacy "1" | "2"
+            shared_lm_head = shared_from_version(shared_lm_head)
+        if version is not None:
+            legacy = shared_from_version(version)
+            if shared_lm_head is not None and shared_lm_head != legacy:
+                raise SpectrtError(f"medusa version {version!r} contradicts shared_lm_head={shared_lm_head}")
+            shared_lm_head = legacy
+        if shared_lm_head is None:
+            shared_lm_head = True
+        self.num_heads, self.num_layers, self.hidden_size = num_heads, num_layers, hidden_size
+        self.vocab_size = vocab_size  # None: shared-LM-head heads whose file does not say (taken from the base)
+        self.shared_lm_head = shared_lm_head
+        self.base_model_name_or_path = base_model_name_or_path
         if self.num_heads < 1 or self.num_layers < 0 or self.hidden_size < 1:
             raise SpectrtError(f"invalid medusa config: {self}")
-        if self.version == "1" and not self.vocab_size:
-            raise SpectrtError("medusa v1 heads need a vocab_size (each head owns an LM head)")
+        if not self.shared_lm_head and not self.vocab_size:
+            raise SpectrtError("medusa heads with their own LM heads need a vocab_size")
+
+    @property
+    def version(self) -> str:
+        """Deprecated: "2" for heads sharing the base LM head, "1" for own LM heads (use ``shared_lm_head``)."""
+        return "2" if self.shared_lm_head else "1"
+
+    def _fields(self):
+        return (self.num_heads, self.num_layers, self.hidden_size, self.vocab_size, self.shared_lm_head,
+                self.base_model_name_or_path)
+
+    def __eq__(self, other):
+        return isinstance(other, MedusaConfig) and self._fields() == other._fields()
+
+    def __repr__(self):
+        return (f"MedusaConfig(num_heads={self.num_heads}, num_layers={self.num_layers}, hidden_size={self.hidden_size}"
+                f", vocab_size={self.vocab_size}, shared_lm_head={self.shared_lm_head}, "
+                f"base_model_name_or_path={self.base_model_name_or_path!r})")
 
 
 class ResBlock(nn.Module):
@@ -84,7 +126,7 @@ class MedusaHeads(nn.Module):
         heads = []
         for _ in range(config.num_heads):
             layers = [ResBlock(config.hidden_size) for _ in range(config.num_layers)]
-            if config.version == "1":
+            if not config.shared_lm_head:
                 layers.append(nn.Linear(config.hidden_size, config.vocab_size, bias=False))
             heads.append(nn.Sequential(*layers))
         self.medusa_head = nn.ModuleList(heads)
@@ -99,11 +141,11 @@ class MedusaHeads(nn.Module):
         return torch.stack([head[:L](hidden) for head in self.medusa_head], dim=-2)
 
     def logits(self, hidden: torch.Tensor, base_lm_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``hidden[..., H]`` -> ``[..., K, V]``. v2 heads need the base LM head weight ``[V, H]``."""
+        """``hidden[..., H]`` -> ``[..., K, V]``. Shared-LM-head heads need the base LM head weight ``[V, H]``."""
         feats = self.features(hidden)
-        if self.config.version == "2":
+        if self.config.shared_lm_head:
             if base_lm_weight is None:
-                raise SpectrtError("medusa v2 heads share the base model's LM head: pass base_lm_weight")
+                raise SpectrtError("these medusa heads share the base model's LM head: pass base_lm_weight")
             return torch.nn.functional.linear(feats, base_lm_weight.to(feats.dtype))
         L = self.config.num_layers
         return torch.stack([head[L](feats[..., k, :]) for k, head in enumerate(self.medusa_head)], dim=-2)
@@ -111,7 +153,8 @@ class MedusaHeads(nn.Module):
     forward = logits
 
     def reference_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights under the reference ``medusa_lm_head`` keys: ``{h}.{l}.linear.weight``, ``{h}.{L}.weight``."""
+        """Weights under the reference ``medusa_lm_head`` keys: ``{h}.{l}.linear.weight`` (+ ``{h}.{L}.weight`` for
+        own LM heads)."""
         return {k[len("medusa_head."):]: v for k, v in self.state_dict().items()}
 
 
@@ -317,7 +360,7 @@ def heads_from_state_dict(state: dict[str, torch.Tensor], config: dict | None = 
     if isinstance(cfg_hidden, int) and cfg_hidden != hidden:
         raise SpectrtError(f"{where}: config says hidden_size {cfg_hidden}, weights have {hidden}")
     mcfg = MedusaConfig(num_heads=K, num_layers=L, hidden_size=hidden, vocab_size=vocab,
-                        version="1" if has_lm else "2",
+                        shared_lm_head=not has_lm,
                         base_model_name_or_path=str(config.get("base_model_name_or_path") or ""))
     heads = MedusaHeads(mcfg)
     full = {f"medusa_head.{k}": v.to(torch.float32) for k, v in state.items()}
@@ -343,15 +386,16 @@ def check_compatible(heads: MedusaHeads, hidden_size: int, vocab_size: int) -> N
                            f"{vocab_size}")
 
 
-def to_v1(heads: MedusaHeads, base_lm_weight: torch.Tensor) -> MedusaHeads:
-    """v2 heads as v1 heads that each own a copy of the base LM head: for tools that expect the original
-    layout (TensorRT-LLM's and TGI's Medusa loaders need ``{h}.{L}.weight``). v1 heads are returned as is."""
-    if heads.config.version == "1":
+def with_own_lm_heads(heads: MedusaHeads, base_lm_weight: torch.Tensor) -> MedusaHeads:
+    """Shared-LM-head heads as heads that each own a copy of the base LM head: for tools that expect the original
+    layout (TensorRT-LLM's and TGI's Medusa loaders need ``{h}.{L}.weight``). Heads with own LM heads are
+    returned as is."""
+    if not heads.config.shared_lm_head:
         return heads
     V, H = base_lm_weight.shape
     check_compatible(heads, H, V)
     c = heads.config
-    out = MedusaHeads(MedusaConfig(c.num_heads, c.num_layers, H, V, "1", c.base_model_name_or_path))
+    out = MedusaHeads(MedusaConfig(c.num_heads, c.num_layers, H, V, False, c.base_model_name_or_path))
     state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
     for h in range(c.num_heads):
         state[f"medusa_head.{h}.{c.num_layers}.weight"] = base_lm_weight.detach().to(torch.float32).clone()
@@ -375,10 +419,9 @@ def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, half: bool = F
         "medusa_num_heads": c.num_heads,
         "medusa_num_layers": c.num_layers,
         "base_model_name_or_path": c.base_model_name_or_path,
-        "version": c.version,
         "hidden_size": c.hidden_size,
         "vocab_size": c.vocab_size,
-        "shared_lm_head": c.version == "2",
+        "shared_lm_head": c.shared_lm_head,
         "torch_dtype": "float16" if half else "float32",
         "format": "spectrt-medusa/1 (reference medusa_lm_head keys)",
     }
@@ -389,3 +432,6 @@ def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, half: bool = F
         save_file(tensors, str(tmp / HEADS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+to_v1 = with_own_lm_heads  # deprecated name (spectrt's old "v1" = own LM heads)

@@ -66,7 +66,16 @@ class RefHydraPrefixMLP(nn.Module):
 
 
 def _reference_dir(tmp_path, prefix=True, layers=3, heads=3, fmt="pt"):
-    ref = RefHydraPrefixMLP(heads, layers, _base_config(), prefix).eval()
+    if prefix:
+        ref = RefHydraPrefixMLP(heads, layers, _base_config(), prefix).eval()
+    else:  # the reference HydraMLP: no Dropout, first block at index 0, bare Linear LM heads
+        from tests.test_reference_layouts import RefHydraMLP
+
+        torch.manual_seed(1)
+        ref = RefHydraMLP(layers, heads, _base_config()).eval()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.normal_(0, 0.3)
     d = tmp_path / "ref"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({
@@ -102,7 +111,8 @@ def _compare(ref, heads, config):
 def test_import_reference_checkpoint(tmp_path, fmt, prefix):
     ref, d = _reference_dir(tmp_path, prefix=prefix, fmt=fmt)
     sd = ref.state_dict()
-    assert sd["hydra_mlp.0.3.linear.weight"].data_ptr() == sd["hydra_mlp.0.5.linear.weight"].data_ptr()
+    a, b = (3, 5) if prefix else (1, 2)  # the plain blocks, one module under two keys
+    assert sd[f"hydra_mlp.0.{a}.linear.weight"].data_ptr() == sd[f"hydra_mlp.0.{b}.linear.weight"].data_ptr()
     assert is_hydra_checkpoint(d)
     heads = load_hydra(d, base_config=_base_config())
     c = heads.config
@@ -119,7 +129,8 @@ def test_round_trip_public_format(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["hydra_num_heads"] == 3 and cfg["hydra_head_arch"] == "prefix-mlp" and cfg["grounded_heads"] is True
     pt = torch.load(out / HYDRA_FILE_PT, weights_only=True)
-    assert set(pt) == set(heads.state_dict())  # all reference keys, aliases included, sharing one storage
+    assert set(pt) == set(heads.reference_state_dict())  # all reference keys, aliases included, sharing one storage
+    assert "prefix_embeding_layer.layers.0.self_attn.rotary_emb.inv_freq" in pt  # persistent in the reference
     assert pt["hydra_mlp.1.3.linear.weight"].data_ptr() == pt["hydra_mlp.1.5.linear.weight"].data_ptr()
     assert "hydra_lm_head.2.1.bias" in pt and "prefix_embeding_layer.norm.weight" in pt
     for only in (HYDRA_FILE, HYDRA_FILE_PT):  # each file alone loads to the same module (no config needed)
@@ -144,7 +155,7 @@ def test_shared_lm_head_round_trip(tmp_path):
 def test_differing_aliases_refused(tmp_path):
     ref, d = _reference_dir(tmp_path, prefix=False)
     sd = {k: v.clone() for k, v in ref.state_dict().items()}
-    sd["hydra_mlp.0.5.linear.weight"] += 1
+    sd["hydra_mlp.0.2.linear.weight"] += 1  # reference mlp layout: plain blocks at 1, 2
     torch.save(sd, d / HYDRA_FILE_PT)
     with pytest.raises(SpectrtError, match="shares these blocks"):
         load_hydra(d)

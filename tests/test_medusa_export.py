@@ -12,14 +12,16 @@ from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.session import SessionConfig, SpecSession
 
 
-def random_heads(path, version, hidden=64, vocab=256, heads=3, layers=2, seed=0):
+def random_heads(path, lm_head, hidden=64, vocab=256, heads=3, layers=2, seed=0):
+    """``lm_head``: "shared" (the base's) or "own" (one per head); spectrt's old "2" / "1" still accepted."""
+    lm_head = {"1": "own", "2": "shared"}.get(str(lm_head), lm_head)
     import torch
 
     from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
 
     torch.manual_seed(seed)
     h = MedusaHeads(MedusaConfig(num_heads=heads, num_layers=layers, hidden_size=hidden,
-                                 vocab_size=vocab if version == "1" else None, version=version))
+                                 vocab_size=vocab if lm_head == "own" else None, shared_lm_head=lm_head == "shared"))
     with torch.no_grad():
         for p in h.parameters():
             p.normal_(0, 0.2)
@@ -27,9 +29,9 @@ def random_heads(path, version, hidden=64, vocab=256, heads=3, layers=2, seed=0)
     return path
 
 
-@pytest.fixture(scope="module", params=["1", "2"])
+@pytest.fixture(scope="module", params=["own", "shared"])
 def medusa_export(request, tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"medusa_v{request.param}")
+    root = tmp_path_factory.mktemp(f"medusa_{request.param}")
     heads = random_heads(root / "heads", request.param)
     out = export_model(str(tiny_models["llama"]), root / "art",
                        ExportOptions(max_context=256, heads=str(heads), topk=4, tree="12"), progress=lambda *_: None)
@@ -73,20 +75,20 @@ def cli(*args):
 
 
 def test_heads_with_wrong_hidden_size(tiny_models, tmp_path):
-    heads = random_heads(tmp_path / "heads", "2", hidden=32)
+    heads = random_heads(tmp_path / "heads", "shared", hidden=32)
     rc, err = cli("export", "-m", tiny_models["llama"], "--heads", heads, "-o", tmp_path / "out")
     assert rc != 0 and "Traceback" not in err and "hidden size 32" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_heads_with_wrong_vocab(tiny_models, tmp_path):
-    heads = random_heads(tmp_path / "heads", "1", vocab=300)
+    heads = random_heads(tmp_path / "heads", "own", vocab=300)
     rc, err = cli("export", "-m", tiny_models["llama"], "--heads", heads, "-o", tmp_path / "out")
     assert rc != 0 and "300" in err and len(err.splitlines()) == 1
 
 
 def test_tree_deeper_than_heads(tiny_models, tmp_path):
-    heads = random_heads(tmp_path / "heads", "2")
+    heads = random_heads(tmp_path / "heads", "shared")
     tree = tmp_path / "tree.json"
     tree.write_text(json.dumps([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]))
     rc, err = cli("export", "-m", tiny_models["llama"], "--heads", heads, "--tree", tree, "-o", tmp_path / "out")
@@ -94,7 +96,7 @@ def test_tree_deeper_than_heads(tiny_models, tmp_path):
 
 
 def test_corrupt_heads_checkpoint(tiny_models, tmp_path):
-    heads = random_heads(tmp_path / "heads", "2")
+    heads = random_heads(tmp_path / "heads", "shared")
     (heads / "medusa_lm_head.safetensors").write_bytes(b"\x00" * 64)
     rc, err = cli("export", "-m", tiny_models["llama"], "--heads", heads, "-o", tmp_path / "out")
     assert rc != 0 and "Traceback" not in err and len(err.splitlines()) == 1

@@ -16,9 +16,9 @@ from spectrt.runtime.errors import SpectrtError
 H, V = 16, 40
 
 
-def _random_heads(version: str, K: int = 3, L: int = 2, seed: int = 0) -> MedusaHeads:
+def _random_heads(shared: bool, K: int = 3, L: int = 2, seed: int = 0) -> MedusaHeads:
     torch.manual_seed(seed)
-    heads = MedusaHeads(MedusaConfig(K, L, H, V, version, "tiny-base"))
+    heads = MedusaHeads(MedusaConfig(K, L, H, V, shared, "tiny-base"))
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0, 0.2)
@@ -33,7 +33,7 @@ def _reference_forward(state: dict, h: int, L: int, x: torch.Tensor, lm: torch.T
 
 
 def test_untrained_heads_are_identity():
-    heads = MedusaHeads(MedusaConfig(3, 2, H, V, "2"))
+    heads = MedusaHeads(MedusaConfig(3, 2, H, V, shared_lm_head=True))
     x = torch.randn(5, H)
     feats = heads.features(x)
     assert feats.shape == (5, 3, H)
@@ -42,20 +42,21 @@ def test_untrained_heads_are_identity():
     assert torch.allclose(heads.logits(x, w), (x @ w.T)[:, None, :].expand(5, 3, V))
 
 
-@pytest.mark.parametrize("version", ["1", "2"])
-def test_round_trip(tmp_path, version):
-    heads = _random_heads(version)
+@pytest.mark.parametrize("shared", [False, True])
+def test_round_trip(tmp_path, shared):
+    heads = _random_heads(shared)
     w = torch.randn(V, H)
     x = torch.randn(2, 7, H)
     out = save_medusa(heads, tmp_path / "heads")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", HEADS_FILE]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["medusa_num_heads"] == 3 and cfg["medusa_num_layers"] == 2 and cfg["version"] == version
+    assert cfg["medusa_num_heads"] == 3 and cfg["medusa_num_layers"] == 2 and cfg["shared_lm_head"] is shared
+    assert "version" not in cfg  # spectrt's old "v1"/"v2" names are gone from what it writes
     loaded = load_medusa(out)
     assert loaded.config == heads.config
     for (k1, v1), (k2, v2) in zip(heads.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
-    base_w = w if version == "2" else None
+    base_w = w if shared else None
     assert torch.allclose(heads.logits(x, base_w), loaded.logits(x, base_w))
     assert loaded.logits(x, base_w).shape == (2, 7, 3, V)
 
@@ -70,36 +71,52 @@ def test_round_trip(tmp_path, version):
         keys = set(f.keys())
         assert all(f.get_tensor(k).dtype == torch.float16 for k in keys)
     expected = {f"{h}.{l}.linear.{p}" for h in range(3) for l in range(2) for p in ("weight", "bias")}
-    if version == "1":
+    if not shared:
         expected |= {f"{h}.2.weight" for h in range(3)}
     assert keys == expected
 
 
-def test_v2_logits_need_base_lm_head():
-    heads = _random_heads("2")
+def test_shared_lm_head_logits_need_base_lm_head():
+    heads = _random_heads(True)
     with pytest.raises(SpectrtError, match="base_lm_weight"):
         heads.logits(torch.randn(1, H))
 
 
-def test_v2_as_v1_for_reference_tools():
-    from spectrt.export.medusa import to_v1
+def test_shared_as_own_lm_heads_for_reference_tools():
+    from spectrt.export.medusa import to_v1, with_own_lm_heads
 
-    heads = _random_heads("2")
+    heads = _random_heads(True)
     w = torch.randn(V, H)
-    v1 = to_v1(heads, w)
-    assert v1.config.version == "1" and v1.config.vocab_size == V
-    assert set(v1.reference_state_dict()) == set(heads.reference_state_dict()) | {f"{h}.2.weight" for h in range(3)}
+    own = with_own_lm_heads(heads, w)
+    assert not own.config.shared_lm_head and own.config.vocab_size == V
+    assert set(own.reference_state_dict()) == set(heads.reference_state_dict()) | {f"{h}.2.weight" for h in range(3)}
     x = torch.randn(4, H)
-    assert torch.allclose(v1.logits(x), heads.logits(x, w), atol=1e-5)
+    assert torch.allclose(own.logits(x), heads.logits(x, w), atol=1e-5)
     with pytest.raises(SpectrtError, match="hidden size"):
-        to_v1(heads, torch.randn(V, H + 1))
+        with_own_lm_heads(heads, torch.randn(V, H + 1))
+    assert to_v1 is with_own_lm_heads  # the deprecated name still works
+
+
+def test_legacy_version_values_still_accepted():
+    """spectrt called shared-LM-head heads "v2" (not the paper's Medusa-2): old spellings keep working."""
+    for legacy, shared in (("2", True), (2, True), ("v2", True), ("1", False), (1, False), ("v1", False)):
+        assert MedusaConfig(2, 1, H, V, legacy).shared_lm_head is shared
+        assert MedusaConfig(2, 1, H, V, version=legacy).shared_lm_head is shared
+    assert MedusaConfig(2, 1, H, V, True).version == "2" and MedusaConfig(2, 1, H, V, False).version == "1"
+    assert MedusaConfig(2, 1, H, V, version="1") == MedusaConfig(2, 1, H, V, shared_lm_head=False)
+    with pytest.raises(SpectrtError, match="contradicts"):
+        MedusaConfig(2, 1, H, V, shared_lm_head=True, version="1")
+    with pytest.raises(SpectrtError, match="'1' \\(own LM heads\\) or '2' \\(shared LM head\\)"):
+        MedusaConfig(2, 1, H, V, "3")
+    with pytest.raises(SpectrtError, match="own LM heads need a vocab_size"):
+        MedusaConfig(2, 1, H, None, False)
 
 
 def test_save_keeps_other_files_and_replaces_heads(tmp_path):
     out = tmp_path / "heads"
-    save_medusa(_random_heads("2", seed=0), out)
+    save_medusa(_random_heads(True, seed=0), out)
     (out / "README.md").write_text("notes")
-    second = _random_heads("2", K=4, seed=1)
+    second = _random_heads(True, K=4, seed=1)
     save_medusa(second, out)
     assert (out / "README.md").read_text() == "notes"
     assert load_medusa(out).config.num_heads == 4
@@ -120,7 +137,7 @@ def test_import_reference_pt_with_under_reported_config(tmp_path):
         {"medusa_num_heads": 2, "medusa_num_layers": 1, "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}))
     heads = load_medusa(tmp_path)
     assert heads.config.num_heads == K and heads.config.num_layers == L
-    assert heads.config.version == "1" and heads.config.vocab_size == V and heads.config.hidden_size == H
+    assert not heads.config.shared_lm_head and heads.config.vocab_size == V and heads.config.hidden_size == H
     assert heads.config.base_model_name_or_path == "lmsys/vicuna-7b-v1.3"
     x = torch.randn(3, H)
     got = heads.logits(x)
@@ -159,7 +176,7 @@ def test_import_medusa2_full_checkpoint(tmp_path, with_lm_heads):
          "medusa_num_layers": L, "base_model_name_or_path": "base"}))
     heads = load_medusa(tmp_path)
     assert heads.config.num_heads == K and heads.config.num_layers == L
-    assert heads.config.version == ("1" if with_lm_heads else "2")
+    assert heads.config.shared_lm_head is not with_lm_heads
     assert heads.config.vocab_size == V  # from the config when the heads share the base LM head
     x = torch.randn(2, H)
     lm = base["lm_head.weight"]
@@ -177,7 +194,7 @@ def test_full_checkpoint_as_pytorch_bin(tmp_path):
         state[f"base_model.medusa_head.{h}.0.linear.bias"] = torch.zeros(H)
     torch.save(state, tmp_path / "pytorch_model.bin")
     heads = load_medusa(tmp_path)
-    assert heads.config.num_heads == 2 and heads.config.version == "2" and heads.config.vocab_size is None
+    assert heads.config.num_heads == 2 and heads.config.shared_lm_head and heads.config.vocab_size is None
 
 
 class _Evil:
@@ -321,7 +338,7 @@ def test_corrupt_and_missing(tmp_path):
     (lambda s: s.update({"4.0.linear.weight": torch.zeros(H, H)}), "not 0"),
 ])
 def test_inconsistent_shapes(tmp_path, mutate, message):
-    state = _random_heads("1", K=3, L=1).reference_state_dict()
+    state = _random_heads(False, K=3, L=1).reference_state_dict()
     state = {k: v.clone() for k, v in state.items()}
     mutate(state)
     save_file(state, str(tmp_path / HEADS_FILE))
@@ -330,13 +347,38 @@ def test_inconsistent_shapes(tmp_path, mutate, message):
 
 
 def test_check_compatible():
-    v1 = _random_heads("1")
-    check_compatible(v1, H, V)
+    own = _random_heads(False)
+    check_compatible(own, H, V)
     with pytest.raises(SpectrtError, match="hidden size 16, the base model has 32"):
-        check_compatible(v1, 32, V)
+        check_compatible(own, 32, V)
     with pytest.raises(SpectrtError, match="predict 40 tokens.*has 41"):
-        check_compatible(v1, H, V + 1)
-    v2 = MedusaHeads(MedusaConfig(2, 1, H, None, "2"))
-    check_compatible(v2, H, 12345)  # vocabulary unknown: taken from the base
+        check_compatible(own, H, V + 1)
+    shared = MedusaHeads(MedusaConfig(2, 1, H, None, shared_lm_head=True))
+    check_compatible(shared, H, 12345)  # vocabulary unknown: taken from the base
     with pytest.raises(SpectrtError, match="hidden size"):
-        check_compatible(v2, H * 2, 12345)
+        check_compatible(shared, H * 2, 12345)
+
+
+def test_distill_lm_head_option_and_deprecated_version(tmp_path):
+    """``spectrt distill --lm-head shared|own``; the old ``--version 2|1`` still maps onto it, with a note."""
+    from click.testing import CliRunner
+
+    from spectrt.cli import cli
+    from spectrt.commands.distill import command, config_from_options
+
+    def config(*argv):
+        ctx = command.make_context("distill", ["-m", "M", "--prompts", "P", "-o", "O", *argv])
+        opts = {k: v for k, v in ctx.params.items() if k not in ("model", "prompts", "output", "quiet")}
+        return config_from_options(**opts)
+
+    assert config().lm_head == "shared" and config().shared_lm_head and config().version is None
+    assert config("--lm-head", "own").shared_lm_head is False
+    assert config("--version", "1").lm_head == "own" and config("--version", "2").lm_head == "shared"
+    assert config("--arch", "hydra++", "--version", "1").lm_head == "own"
+    assert config("--version", "1", "--lm-head", "own").lm_head == "own"
+    with pytest.raises(SpectrtError, match="contradicts --lm-head shared"):
+        config("--version", "1", "--lm-head", "shared")
+    assert "--version" not in CliRunner().invoke(cli, ["distill", "--help"]).output  # hidden, deprecated
+    result = CliRunner().invoke(cli, ["distill", "-m", "M", "--prompts", str(tmp_path / "none.jsonl"), "-o",
+                                      str(tmp_path / "o"), "--version", "2"])
+    assert result.exit_code != 0 and "--version 2 is deprecated, use --lm-head shared" in result.output

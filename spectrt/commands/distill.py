@@ -1,6 +1,8 @@
 """`spectrt distill`: self-distill draft heads (Medusa, Hydra) on the base model's own greedy responses."""
 from __future__ import annotations
 
+import sys
+
 import click
 
 from spectrt.calibration.config import DistillConfig, HydraDistillConfig
@@ -23,8 +25,11 @@ _D = DistillConfig()  # every default lives in DistillConfig (options left at No
 @click.option("--heads", type=IntRange(min=1), default=_D.heads, metavar="K", help="number of heads K")
 @click.option("--layers", type=IntRange(min=0), default=None, show_default=f"{_D.layers}; hydra: 2",
               help="ResBlocks per head")
-@click.option("--version", type=click.Choice(["1", "2"]), default=_D.version,
-              help="1: each head owns an LM head; 2: heads share the base LM head")
+@click.option("--lm-head", type=click.Choice(["shared", "own"]), default=None, show_default=_D.lm_head,
+              help="shared: the heads reuse the base model's LM head (small file); own: each head gets its own LM "
+                   "head, initialised from the base's")
+@click.option("--version", type=click.Choice(["1", "2"]), default=None, hidden=True,
+              help="deprecated: 1 = --lm-head own, 2 = --lm-head shared")
 @click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
               help="use the first N prompts")
 @click.option("--max-new-tokens", type=IntRange(min=1), default=_D.max_new_tokens, help="greedy response length cap")
@@ -54,6 +59,10 @@ def command(model, prompts, output, quiet, **options) -> int:
     from spectrt.calibration.prompts import load_prompts
     from spectrt.export.sources import load_hf, resolve_model
 
+    if options.get("version") is not None:
+        print(f"note: --version {options['version']} is deprecated, use --lm-head "
+              f"{'own' if options['version'] == '1' else 'shared'} ('2' never meant the paper's Medusa-2)",
+              file=sys.stderr)
     cfg = config_from_options(**options)
     texts = load_prompts(prompts, cfg.limit)  # fail fast, before loading the model
     if cfg.threads:
@@ -62,7 +71,7 @@ def command(model, prompts, output, quiet, **options) -> int:
         torch.set_num_threads(cfg.threads)
     source = resolve_model(model)
     hf_model, tok = load_hf(source)
-    print(f"distilling {cfg.heads} {cfg.arch} v{cfg.version} heads for {model} on {len(texts)} prompts ({prompts})",
+    print(f"distilling {cfg.heads} {cfg.arch} heads ({cfg.lm_head} LM head) for {model} on {len(texts)} prompts ({prompts})",
           flush=True)
     if cfg.arch in ("hydra", "hydra++"):
         from spectrt.calibration.distill_hydra import distill_hydra
@@ -89,5 +98,10 @@ def config_from_options(arch: str = _D.arch, dropout: float | None = None, fp32:
             setattr(cfg, name, value)
     if fp32:
         cfg.half = False
+    version, lm_head = options.get("version"), options.get("lm_head")
+    if version is not None and lm_head is not None and lm_head != ("own" if str(version) == "1" else "shared"):
+        from spectrt.runtime.errors import SpectrtError
+
+        raise SpectrtError(f"--version {version} (deprecated) contradicts --lm-head {lm_head}")
     cfg.validate()
     return cfg

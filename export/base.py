@@ -2,7 +2,8 @@
 
 Attention sees the whole past plus the new tokens allowed by ``tree_mask``; positions come from the
 caller (past + depth), so the same graph runs a causal chunk, one token, or a tree of candidates.
-Only standard ONNX ops (no contrib ops) so TensorRT's parser takes it.
+Only standard ONNX ops (no contrib ops) so TensorRT's parser takes it, except with weights quantized in
+the ORT-only ``matmulnbits`` format (``export.quantize``).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 from onnx import helper
 
 from spectrt.export.families import DecoderDims, HFWeights
-from spectrt.export.onnx_graph import GraphBuilder
+from spectrt.export.onnx_graph import ONNX_DTYPES, GraphBuilder
 from spectrt.runtime.contract import BASE
 
 
@@ -26,17 +27,24 @@ class _Shapes:
 
 def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
     # x: [B, q, H]; computed in fp32 like transformers' LlamaRMSNorm, then cast back
-    xf = g.op("Cast", x, to=1) if g.dtype != "float32" else x
-    var = g.op("ReduceMean", g.op("Mul", xf, xf), axes=[-1], keepdims=1)
+    xf = g.op("Cast", x, to=ONNX_DTYPES["float32"]) if g.dtype != "float32" else x
+    sq = g.op("Mul", xf, xf)
+    if g.opset >= 18:  # axes became an input in opset 18
+        var = g.op("ReduceMean", sq, g.const([-1]), keepdims=1)
+    else:
+        var = g.op("ReduceMean", sq, axes=[-1], keepdims=1)
     inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, "float32"))))
     y = g.op("Mul", xf, inv)
     if g.dtype != "float32":
-        y = g.op("Cast", y, to=10)
+        y = g.op("Cast", y, to=ONNX_DTYPES[g.dtype])
     return g.op("Mul", y, weight)
 
 
 def _linear(g: GraphBuilder, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
-    y = g.op("MatMul", x, g.weight(f"{name}.weight", w), name=name)  # w stored [in, out]
+    if g.quant is not None and name in g.quant:  # weight-only quantized (export.quantize)
+        y = g.quant.matmul(g, x, name)
+    else:
+        y = g.op("MatMul", x, g.weight(f"{name}.weight", w), name=name)  # w stored [in, out]
     return g.op("Add", y, g.weight(f"{name}.bias", b)) if b is not None else y
 
 
@@ -61,13 +69,13 @@ def attention_tables(g: GraphBuilder, tree: str, pos: str, shp: _Shapes, inv_fre
     if groups > 1:
         bias = g.op("Tile", bias, g.const([1, 1, groups, 1]))  # rows ordered (g, t) like the queries
     # rotary tables from positions, in fp32
-    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=1), g.const([-1])), g.const(inv_freq, "float32"))
+    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=ONNX_DTYPES["float32"]), g.const([-1])), g.const(inv_freq, "float32"))
     emb = g.op("Concat", freqs, freqs, axis=-1)
     cos, sin = g.op("Cos", emb), g.op("Sin", emb)
     if rope_scaling != 1.0:
         cos, sin = g.op("Mul", cos, g.const(rope_scaling, "float32")), g.op("Mul", sin, g.const(rope_scaling, "float32"))
     if g.dtype != "float32":
-        cos, sin = g.op("Cast", cos, to=10), g.op("Cast", sin, to=10)
+        cos, sin = g.op("Cast", cos, to=ONNX_DTYPES[g.dtype]), g.op("Cast", sin, to=ONNX_DTYPES[g.dtype])
     return bias, g.op("Unsqueeze", cos, g.const([2])), g.op("Unsqueeze", sin, g.const([2]))
 
 
@@ -115,8 +123,10 @@ def decoder_layer(g: GraphBuilder, x: str, param, eps: float, heads: int, kv_hea
 
 
 def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray, rope_scaling: float,
-                     dtype: str, opset: int, producer: str):
+                     dtype: str, opset: int, producer: str, quant=None):
+    """``quant``: an ``export.quantize.QuantizedWeights`` whose linears (and LM head) are emitted quantized."""
     g = GraphBuilder("spectrt_base", opset, dtype)
+    g.quant = quant
     D, KVH, NH = dims.head_dim, dims.kv_heads, dims.num_heads
     cdims = {"hidden": dims.hidden, "vocab": dims.vocab, "kv_heads": KVH, "head_dim": D}
     ins, outs = BASE.expand({"num_layers": dims.num_layers})
@@ -135,9 +145,12 @@ def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray
 
     hidden = _rms_norm(g, x, g.weight("final_norm", weights.require("model.norm.weight")), dims.rms_eps)
     flat = g.op("Reshape", hidden, g.const([-1, dims.hidden]))  # [B*q, H]
-    lm = weights.lm_head(dims.tied_embeddings)
-    lm_w = embed if lm is None else g.weight("lm_head", lm)  # [V, H]: tied weights are stored once
-    logits = g.op("Gemm", flat, lm_w, transB=1)  # [B*q, V]
+    if quant is not None and "lm_head" in quant:
+        logits = quant.matmul(g, flat, "lm_head", rank=2)  # [B*q, V]; the (float) embeddings stay for the Gather
+    else:
+        lm = weights.lm_head(dims.tied_embeddings)
+        lm_w = embed if lm is None else g.weight("lm_head", lm)  # [V, H]: tied weights are stored once
+        logits = g.op("Gemm", flat, lm_w, transB=1)  # [B*q, V]
     logits = g.op("Reshape", logits, g.op("Concat", shp.batch, shp.q, g.const([dims.vocab]), axis=0))
     g.add_output(out_spec["logits"], cdims, logits)
     g.add_output(out_spec["hidden_states"], cdims, hidden)

@@ -20,6 +20,7 @@ from spectrt.export.files import staged
 from spectrt.export.hydra import is_hydra_checkpoint
 from spectrt.export.hydra_graphs import export_hydra, validate_hydra
 from spectrt.export.onnx_graph import save_graph
+from spectrt.export.quantize import QDQ_OPSET, QuantSpec, quantize_model
 from spectrt.export.shipped import builtin_vocab, shipped_heads
 from spectrt.export.sources import load_hf, resolve_model
 from spectrt.export.validate import VALIDATION_TEXT, validate_base
@@ -32,14 +33,14 @@ from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.golden import write_golden
 from spectrt.version import __version__
 
-MIN_OPSET, MAX_OPSET = 13, 20  # TensorRT 10.x parses opsets up to 20
+MIN_OPSET, MAX_OPSET = 13, 21  # TensorRT 10.0-10.14 parse opsets up to 20; 21: block-wise Q/DQ (qdq weights)
 VocabCalibrator = Callable[[object, object, int], VocabTrim]  # (model, tokenizer, N) -> the top-N VocabTrim
 
 
 @dataclass
 class ExportOptions:
     dtype: str = "float32"
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None  # None: DEFAULT_OPSET, or 21 for qdq-quantized weights
     max_context: int = DEFAULT_MAX_CONTEXT
     validate: bool = True
     heads: str | None = None  # Medusa heads dir/checkpoint; "builtin": the heads shipped for a built-in model
@@ -52,6 +53,14 @@ class ExportOptions:
     # --vocab-size without --vocab on a model with no bundled ranking: rank tokens by calibration
     # (`spectrt.calibration.vocab.default_vocab`; the CLI passes it). None: that combination is an error.
     calibrate_vocab: VocabCalibrator | None = None
+    weights: str = "float"  # float | int8 | int4: weight-only quantization of base.onnx (export.quantize)
+    block: int = 32  # input rows per quantization scale
+    weights_format: str = "matmulnbits"  # matmulnbits (ONNX Runtime only) | qdq (TensorRT, opset 21)
+    quantize_lm_head: bool = False
+    row_pad: bool = True  # int4 matmulnbits: keeps speculative == AR on ONNX Runtime (export.quantize)
+
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(self.weights, self.block, self.weights_format, self.quantize_lm_head, self.row_pad)
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -91,11 +100,16 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     """Export ``model_spec`` to ``out_dir``; returns the directory. Raises SpectrtError on bad input,
     before any output is written where the input can be checked up front."""
     o = options or ExportOptions()
+    quant = o.quant_spec()
+    if o.opset is None:
+        o = dataclasses.replace(o, opset=QDQ_OPSET if quant.quantized and quant.format == "qdq" else DEFAULT_OPSET)
+    quant.check(o.opset)
     dtype = DTYPE_ALIASES.get(o.dtype)
     if dtype is None:
         raise SpectrtError(f"unsupported dtype '{o.dtype}' (supported: fp32, fp16)")
     if not MIN_OPSET <= o.opset <= MAX_OPSET:
-        raise SpectrtError(f"opset {o.opset} outside {MIN_OPSET}..{MAX_OPSET} (TensorRT 10.x parses up to {MAX_OPSET})")
+        raise SpectrtError(f"opset {o.opset} outside {MIN_OPSET}..{MAX_OPSET} (TensorRT 10.0-10.14 parse up to 20, "
+                           f"10.15 up to 24)")
     if o.max_context < 2:
         raise SpectrtError(f"max context {o.max_context} is too small (at least 2 tokens)")
     if o.topk < 1:
@@ -128,10 +142,13 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     dims = dataclasses.replace(dims, tied_embeddings=tied)
     trim = _vocab_trim(o, model, tok, vocab, vocab_size) if heads is not None else None  # checked before building
     inv_freq, rope_scale = rope_tables(model)
+    # quantized once: the graph gets (q, scales), the torch model q * scale (validation, golden, draft heads)
+    qweights = quantize_model(model, dims.num_layers, quant) if quant.quantized else None
 
     with staged(out) as tmp:
         steps("building base.onnx")
-        graph = build_base_graph(dims, HFWeights.from_model(model), inv_freq, rope_scale, dtype, o.opset, __version__)
+        graph = build_base_graph(dims, HFWeights.from_model(model), inv_freq, rope_scale, dtype, o.opset, __version__,
+                                 quant=qweights)
         graphs = {"base": save_graph(graph, tmp, "base")}
         del graph
         steps("writing tokenizer and manifest")
@@ -139,7 +156,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
             spectrt_version=__version__, contract_version=CONTRACT_VERSION,
             model=ModelInfo(**dataclasses.asdict(dims), source=source.name, builtin=source.builtin),
             dtype=dtype, opset=o.opset, max_context=o.max_context, graphs=graphs,
-            tokenizer=write_tokenizer(tok, model, tmp))
+            tokenizer=write_tokenizer(tok, model, tmp), weights=quant.info())
         if heads is not None:
             steps(f"building the draft graphs from {heads}")
             target = DraftTarget(model, dims, tmp, dtype, o.opset, o.topk, o.tree, __version__, trim)

@@ -25,6 +25,8 @@ class GraphBuilder:
         self.nodes, self.inputs, self.outputs, self.initializers = [], [], [], []
         self._names: set[str] = set()
         self._consts: dict = {}
+        self.domains: dict[str, int] = {}  # custom op domains in use (com.microsoft for MatMulNBits)
+        self.quant = None  # export.quantize.QuantizedWeights: linears emitted quantized (base graph only)
 
     def _unique(self, base: str) -> str:
         name, i = base, 0
@@ -40,6 +42,15 @@ class GraphBuilder:
         name = self._unique(name)
         self.initializers.append(numpy_helper.from_array(arr, name))
         return name
+
+    def tensor(self, tensor: onnx.TensorProto) -> str:
+        """A prebuilt initializer (e.g. packed INT4), renamed to a unique name; returns the name."""
+        tensor.name = self._unique(tensor.name)
+        self.initializers.append(tensor)
+        return tensor.name
+
+    def use_domain(self, domain: str, version: int) -> None:
+        self.domains[domain] = version
 
     def const(self, value, dtype: str = "int64") -> str:
         """A small shared constant (shapes, axes, scalars); deduplicated by value."""
@@ -73,9 +84,11 @@ class GraphBuilder:
 
     def model(self, producer: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                  producer_name="spectrt", producer_version=producer)
-        model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime >= 1.16 and TensorRT 10
+        opsets = [helper.make_opsetid("", self.opset)] + [helper.make_opsetid(d, v) for d, v in self.domains.items()]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="spectrt", producer_version=producer)
+        int4 = any(t.data_type == TensorProto.INT4 for t in self.initializers)
+        # IR 9: readable by onnxruntime >= 1.16 and TensorRT 10; the INT4 type needs IR 10
+        model.ir_version = min(model.ir_version, 10 if int4 else 9)
         return model
 
 

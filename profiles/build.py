@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from spectrt.profiles import (QUANTIZED_PRECISIONS, DeviceProfile, ShapeProfile, effective_max_context,
                               estimate_memory, load_profile, optimization_profiles, parse_version)
+from spectrt.profiles.check import max_opset
 from spectrt.runtime.artifact import (EngineRecord, OptimizationProfileRecord, atomic_write, engine_key,
                                       load_artifact, write_manifest)
 from spectrt.runtime.engines import (DeviceFacts, EngineError, require_tensorrt, current_facts, engine_path, source_hashes)
@@ -75,6 +76,20 @@ def plan_precision(precision: str, profile: DeviceProfile, graph_dtype: str, trt
         raise SpectrtError(f"the export is {graph_dtype} and engines are built strongly typed (the precision is the "
                            f"ONNX's): {fix}, or build --precision {own}")
     return PrecisionPlan(precision, f"strongly typed: {own} from the {graph_dtype} graph")
+
+
+def check_weights(art, trt_version: str) -> None:
+    """Refuse, in one line naming the fix, an export whose quantized weights TensorRT cannot build."""
+    w = art.manifest.weights
+    if w is None:
+        return
+    if w.ort_only:
+        raise SpectrtError(f"{art.root}: base.onnx holds {w.kind} weights as ONNX Runtime's MatMulNBits (an ORT-only "
+                           f"export); TensorRT cannot build it: re-export with --weights {w.kind} --weights-format qdq")
+    if art.manifest.opset > max_opset(trt_version):
+        raise SpectrtError(f"{art.root}: {w.kind} qdq weights need opset {art.manifest.opset} (block-wise "
+                           f"DequantizeLinear), which TensorRT {trt_version} does not parse (up to "
+                           f"{max_opset(trt_version)}); use a TensorRT >= 10.15 device profile or a float export")
 
 
 def has_qdq(onnx_path: str | Path) -> bool:
@@ -222,6 +237,7 @@ def build_engines(root, profile, precision: str | None = None, timing_cache=None
     """
     art = load_artifact(root)
     prof = load_profile(profile)
+    check_weights(art, prof.tensorrt)
     names = list(graphs or art.manifest.graphs)
     unknown = [g for g in names if not art.has_graph(g)]
     if unknown:

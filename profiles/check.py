@@ -482,6 +482,18 @@ def check_artifact(root, profile: str | None = None, trt_version: str | None = N
     for name in art.manifest.graphs:
         report.graphs.append(check_onnx(art.graph_path(name), name=name, trt_version=trt_version,
                                         spec=graph_spec(name), dims=art.dims(name), dtype=art.dtype))
+    w = art.manifest.weights
+    if w is not None and w.ort_only:  # one line instead of one per MatMulNBits node
+        base = next(g for g in report.graphs if g.name == "base")
+        n = sum(1 for f in base.findings if "MatMulNBits" in f.where)
+        base.findings = [f for f in base.findings if "MatMulNBits" not in f.where]
+        base.add(ERROR, "weights", f"ORT-only export: {n} MatMulNBits nodes hold {w.kind} weights (com.microsoft "
+                                   f"contrib op); TensorRT cannot parse them: re-export with --weights {w.kind} "
+                                   "--weights-format qdq (opset 21) for TensorRT")
+    elif w is not None:
+        base = next(g for g in report.graphs if g.name == "base")
+        base.add(INFO, "weights", f"{w.label()}: DequantizeLinear -> MatMul (TensorRT explicit quantization; "
+                                  "INT4 blocks need symmetric scales, which these are)")
     return report
 
 

@@ -208,6 +208,42 @@ class DraftInfo:
         return tuple(names + (["hydra_prefix"] if self.is_hydra_plus else []))
 
 
+WEIGHT_KINDS = ("int8", "int4")
+WEIGHT_FORMATS = ("qdq", "matmulnbits")
+WEIGHT_BLOCKS = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Weight-only quantization of the base graph's MatMul weights (absent: float weights).
+
+    ``qdq``: DequantizeLinear -> MatMul (opset 21; TensorRT explicit quantization, ONNX Runtime fuses it);
+    ``matmulnbits``: ONNX Runtime's com.microsoft::MatMulNBits (ORT only; TensorRT cannot build it)."""
+
+    kind: str  # int8 | int4
+    block: int  # input rows per scale
+    format: str  # qdq | matmulnbits
+    lm_head: bool = False  # the LM head is quantized too (embeddings always stay float)
+    scheme: str = "symmetric-rtn"  # symmetric, round-to-nearest, fp32 scales, no zero point
+    accuracy_level: int | None = None  # MatMulNBits' accuracy_level (4: int8 activations)
+    row_pad: bool = False  # int4 MatMulNBits fed one extra zero row (same kernel for q = 1 and q > 1)
+
+    def _validate(self) -> None:
+        if self.kind not in WEIGHT_KINDS:
+            raise Invalid(f"kind: '{self.kind}' is not one of {', '.join(WEIGHT_KINDS)}")
+        if self.format not in WEIGHT_FORMATS:
+            raise Invalid(f"format: '{self.format}' is not one of {', '.join(WEIGHT_FORMATS)}")
+        if self.block not in WEIGHT_BLOCKS:
+            raise Invalid(f"block: {self.block} is not one of {', '.join(map(str, WEIGHT_BLOCKS))}")
+
+    @property
+    def ort_only(self) -> bool:
+        return self.format == "matmulnbits"
+
+    def label(self) -> str:
+        return f"{self.kind} (block {self.block}, {self.format}{', LM head too' if self.lm_head else ''})"
+
+
 @dataclass(frozen=True)
 class ValidationRow:
     check: str
@@ -270,6 +306,7 @@ class Manifest:
     validation: tuple[ValidationRow, ...] = ()
     engines: dict[str, EngineRecord] = field(default_factory=dict)
     golden: FileRecord | None = None  # greedy ids for `spectrt selftest` (runtime.golden)
+    weights: WeightsInfo | None = None  # weight-only quantization of base.onnx; None: float weights
 
     def _validate(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
@@ -562,5 +599,5 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
 
 __all__ = ["Artifact", "DecoderDims", "DraftInfo", "EmbeddingRef", "EngineRecord", "FileRecord", "FORMAT_VERSION", "GraphRecord",
            "Invalid", "MANIFEST", "decode_json", "encode_json", "Manifest", "ModelInfo", "OptimizationProfileRecord", "TokenizerInfo",
-           "ValidationRow", "VocabTrimInfo", "atomic_write", "engine_key", "file_record", "load_artifact",
+           "ValidationRow", "VocabTrimInfo", "WeightsInfo", "atomic_write", "engine_key", "file_record", "load_artifact",
            "parse_manifest", "sha256_file", "write_manifest"]

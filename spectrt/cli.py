@@ -30,6 +30,7 @@ COMMANDS = {
     "build": "spectrt.commands.build",
     "profile": "spectrt.commands.profile",
     "selftest": "spectrt.commands.selftest",
+    "quality": "spectrt.commands.quality",
     "devices": "spectrt.commands.devices",
 }
 RENAMED = {"profiles": "devices"}  # old name -> new; no aliases (`profiles` was one letter from `profile`)

@@ -12,8 +12,9 @@ from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT
               help="HF model directory, .gguf file, or built-in name (smollm2-135m)")
 @click.option("-o", "--output", required=True, metavar="DIR", help="output directory (written atomically)")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", help="weights and activations")
-@click.option("--opset", type=IntRange(13, 20), default=DEFAULT_OPSET,
-              help="ONNX opset (TensorRT 10.x parses up to 20; 17 suits JetPack 6's TensorRT 10.3)")
+@click.option("--opset", type=IntRange(13, 21), default=None, show_default=f"{DEFAULT_OPSET}; 21 with --weights-format qdq",
+              help="ONNX opset (TensorRT 10.0-10.14 parse up to 20, 10.15 up to 24; 17 suits JetPack 6's TensorRT "
+                   "10.3; qdq-quantized weights need 21)")
 @click.option("--max-context", type=IntRange(min=2), default=DEFAULT_MAX_CONTEXT, help="KV cache length in tokens")
 @click.option("--validate/--no-validate", default=True,
               help="check the ONNX Runtime graphs against torch (--no-validate skips the checks)")
@@ -31,8 +32,22 @@ from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT
               help="keep the top N tokens (of --vocab, or calibrated on the bundled prompts)")
 @click.option("--full-vocab", is_flag=True,
               help="no VocabTrim (built-in models otherwise get their bundled ranking and default N)")
+@click.option("--weights", type=click.Choice(["float", "int8", "int4"]), default="float",
+              help="weight-only quantization of base.onnx's MatMul weights (symmetric, block-wise, round-to-nearest; "
+                   "embeddings stay float)")
+@click.option("--block", type=click.Choice(["32", "64", "128"]), default="32",
+              help="input rows per quantization scale (--weights int8/int4)")
+@click.option("--weights-format", type=click.Choice(["matmulnbits", "qdq"]), default="matmulnbits",
+              help="matmulnbits: ONNX Runtime's MatMulNBits (ORT only, any opset); qdq: DequantizeLinear -> MatMul "
+                   "(opset 21) for TensorRT explicit quantization, which ONNX Runtime also runs at low-bit speed")
+@click.option("--quantize-lm-head", is_flag=True,
+              help="quantize the LM head too (a tied head gets its own quantized copy; the embeddings stay float)")
+@click.option("--int4-row-pad/--no-int4-row-pad", "row_pad", default=True,
+              help="int4 matmulnbits: feed ORT's int4 kernel at least 2 rows, so decode (q = 1) and tree verification "
+                   "compute the same numbers and speculative output stays AR's; off is faster but may differ at "
+                   "near-ties")
 def command(model, output, dtype, opset, max_context, validate, heads, no_heads, topk, tree, vocab, vocab_size,
-            full_vocab) -> int:
+            full_vocab, weights, block, weights_format, quantize_lm_head, row_pad) -> int:
     """Export MODEL to DIR: base.onnx (+ heads.onnx, draft_lm_head.onnx), the tokenizer and manifest.json,
     validated against transformers unless --no-validate."""
     from spectrt.calibration.vocab import default_vocab
@@ -40,7 +55,8 @@ def command(model, output, dtype, opset, max_context, validate, heads, no_heads,
 
     options = ExportOptions(dtype=dtype, opset=opset, max_context=max_context, validate=validate, heads=heads,
                             no_heads=no_heads, topk=topk, tree=tree, vocab=vocab, vocab_size=vocab_size,
-                            full_vocab=full_vocab, calibrate_vocab=default_vocab)
+                            full_vocab=full_vocab, calibrate_vocab=default_vocab, weights=weights, block=int(block),
+                            weights_format=weights_format, quantize_lm_head=quantize_lm_head, row_pad=row_pad)
     out = export_model(model, output, options)
     print(f"exported to {out}")
     return 0

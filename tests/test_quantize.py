@@ -1,0 +1,279 @@
+"""Weight-only INT8/INT4 quantization (export.quantize): the block math, both graph forms (ONNX Runtime's
+MatMulNBits and DequantizeLinear -> MatMul), exports of a tiny model, the manifest record, check/build,
+option errors, speculative == AR and the quality report."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from spectrt.export.onnx_graph import GraphBuilder
+from spectrt.export.quantize import (ACCURACY_LEVEL, QuantizedLinear, QuantizedWeights, QuantSpec,
+                                     dequantize_blocks, pack_matmulnbits, quantize_blocks)
+from spectrt.runtime.artifact import WeightsInfo, load_artifact, parse_manifest
+from spectrt.runtime.errors import SpectrtError
+
+QMAX = {8: 127, 4: 7}
+
+
+# ----------------------------------------------------------------------------- block math (numpy only)
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("K,block", [(64, 32), (96, 64), (576, 128), (128, 128)])
+def test_quantize_blocks_exact(bits, K, block):
+    """scale = max|w| / qmax per block (last block may be partial); q = rint(w / scale); |w - q*scale| <= scale/2."""
+    rng = np.random.default_rng(K + bits)
+    w = rng.standard_normal((K, 24)).astype(np.float32)
+    w[:block, 3] = 0.0  # an all-zero block gets scale 1 and q 0
+    q, s = quantize_blocks(w, bits, block)
+    nb = -(-K // block)
+    assert q.shape == w.shape and q.dtype == np.int8 and s.shape == (nb, 24) and s.dtype == np.float32
+    assert np.abs(q).max() <= QMAX[bits]
+    for b in range(nb):
+        rows = slice(b * block, min(K, (b + 1) * block))
+        amax = np.abs(w[rows]).max(0)
+        want = np.where(amax == 0, np.float32(1), (amax / np.float32(QMAX[bits])).astype(np.float32))
+        np.testing.assert_array_equal(s[b], want)
+        np.testing.assert_array_equal(q[rows], np.clip(np.rint(w[rows] / want), -QMAX[bits], QMAX[bits]))
+        deq = dequantize_blocks(q, s, block)[rows]
+        np.testing.assert_array_equal(deq, q[rows].astype(np.float32) * s[b])
+        assert (np.abs(deq - w[rows]) <= s[b] / 2 * (1 + 1e-6)).all()
+    assert s[0, 3] == 1 and not q[:block, 3].any()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_matmulnbits_packing_round_trips(bits):
+    rng = np.random.default_rng(bits)
+    q = rng.integers(-QMAX[bits], QMAX[bits] + 1, (80, 5)).astype(np.int8)  # 80 rows: blocks of 32, 32, 16+pad
+    packed = pack_matmulnbits(q, bits, 32)
+    assert packed.dtype == np.uint8 and packed.shape == (5, 3, 32 * bits // 8)
+    if bits == 4:
+        u = np.stack([packed & 15, packed >> 4], -1).reshape(5, 3, 32)  # low nibble first
+    else:
+        u = packed
+    got = u.reshape(5, 96).T.astype(np.int16) - (1 << (bits - 1))
+    np.testing.assert_array_equal(got[:80], q)
+    assert not got[80:].any()  # padding holds the zero point
+
+
+# ----------------------------------------------------------------------------- one quantized MatMul on ORT
+
+def _single_matmul(fmt: str, bits: int, block: int, w: np.ndarray, opset: int, row_pad: bool = True):
+    import onnxruntime as ort
+    from onnx import helper
+
+    K, N = w.shape
+    q, s = quantize_blocks(w, bits, block)
+    kind = {8: "int8", 4: "int4"}[bits]
+    g = GraphBuilder("one", opset, "float32")
+    g.quant = QuantizedWeights(QuantSpec(kind, block, fmt, row_pad=row_pad), {"w": QuantizedLinear(q, s)})
+    g.inputs.append(helper.make_tensor_value_info("x", 1, ["m", K]))
+    g.op("Identity", g.quant.matmul(g, "x", "w", rank=2), outputs=["y"])
+    g.outputs.append(helper.make_tensor_value_info("y", 1, ["m", N]))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(g.model("test").SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess, q, s
+
+
+@pytest.mark.parametrize("fmt,opset", [("matmulnbits", 17), ("qdq", 21)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_matmul_within_bound(fmt, opset, bits):
+    """ORT's output vs x @ W (float): within the bound the quantization steps give, term by term:
+    weights |x| @ (scale/2), plus int8 activations (accuracy level 4: per block of x, step max|x|/127)
+    |dx| @ |q*scale| with |dx| <= max|x_block| / 254."""
+    rng = np.random.default_rng(bits)
+    K, N, block = 96, 40, 32
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    sess, q, s = _single_matmul(fmt, bits, block, w, opset)
+    y = sess.run(None, {"x": x})[0]
+    step = np.repeat(s, block, axis=0)[:K]  # [K, N] scale of each weight
+    deq = dequantize_blocks(q, s, block)
+    xmax = np.abs(x.reshape(3, K // block, block)).max(-1).repeat(block, -1)  # [3, K]
+    bound = np.abs(x) @ (step / 2) + (xmax / 254) @ np.abs(deq)
+    err = np.abs(y - x @ w)
+    assert (err <= bound * 1.01 + 1e-5).all(), float((err / bound).max())
+    assert err.max() > 0  # it is quantized
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_do_not_depend_on_how_many(bits):
+    """Speculative == AR needs a token's numbers to be the same in a decode step (1 row) and in a tree
+    pass (several): int8 is; int4 is with row padding (ORT's int4 kernel has a separate 1-row path)."""
+    w = np.random.default_rng(1).standard_normal((576, 192)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((5, 576)).astype(np.float32)
+    sess, _, _ = _single_matmul("matmulnbits", bits, 32, w, 17)
+    many = sess.run(None, {"x": x})[0]
+    for i in range(5):
+        np.testing.assert_array_equal(sess.run(None, {"x": x[i:i + 1]})[0][0], many[i])
+
+
+def test_qdq_graph_form():
+    """qdq: blocked DequantizeLinear (axis 0, no zero point: symmetric) feeding MatMul; INT4 needs IR 10."""
+    import onnx
+
+    w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    sess, _, _ = _single_matmul("qdq", 4, 32, w, 21)
+    g = GraphBuilder("one", 21, "float32")
+    q, s = quantize_blocks(w, 4, 32)
+    g.quant = QuantizedWeights(QuantSpec("int4", 32, "qdq"), {"w": QuantizedLinear(q, s)})
+    g.quant.matmul(g, "x", "w")
+    dq = next(n for n in g.nodes if n.op_type == "DequantizeLinear")
+    attrs = {a.name: a.i for a in dq.attribute}
+    assert attrs == {"axis": 0, "block_size": 32} and len(dq.input) == 2
+    assert {t.data_type for t in g.initializers} >= {onnx.TensorProto.INT4}
+    assert g.model("t").ir_version == 10
+
+
+# ----------------------------------------------------------------------------- spec, manifest record
+
+def test_spec_errors():
+    with pytest.raises(SpectrtError, match="--block 48"):
+        QuantSpec("int4", 48).check(17)
+    with pytest.raises(SpectrtError, match="--weights int3"):
+        QuantSpec("int3").check(17)
+    with pytest.raises(SpectrtError, match="needs --opset 21"):
+        QuantSpec("int4", 32, "qdq").check(20)
+    with pytest.raises(SpectrtError, match="--quantize-lm-head needs"):
+        QuantSpec("float", lm_head=True).check(17)
+    QuantSpec("int8", 64, "qdq").check(21)
+    assert QuantSpec().info() is None
+    assert QuantSpec("int4", 32, "matmulnbits").info().accuracy_level == ACCURACY_LEVEL
+
+
+# ----------------------------------------------------------------------------- tiny exports
+
+VARIANTS = {
+    "int4-matmulnbits": dict(weights="int4", quantize_lm_head=True),  # LM head: a 2-D row-padded MatMulNBits
+    "int4-qdq": dict(weights="int4", weights_format="qdq", quantize_lm_head=True),
+    "int8-matmulnbits-head-b128": dict(weights="int8", block=128, quantize_lm_head=True),  # K=64 < 128: partial
+}
+
+
+@pytest.fixture(scope="module")
+def quant_exports(tiny_models, tmp_path_factory):
+    from spectrt.export.exporter import ExportOptions, export_model
+
+    root = tmp_path_factory.mktemp("quant")
+    out = {"float": export_model(str(tiny_models["llama"]), root / "float", ExportOptions(max_context=256),
+                                 progress=lambda *_: None)}
+    for name, kw in VARIANTS.items():  # validated on export: exact kernels vs torch holding q * scale
+        out[name] = export_model(str(tiny_models["llama"]), root / name, ExportOptions(max_context=256, **kw),
+                                 progress=lambda *_: None)
+    return out
+
+
+def test_manifest_records_weights(quant_exports):
+    assert load_artifact(quant_exports["float"]).manifest.weights is None
+    m = load_artifact(quant_exports["int4-qdq"]).manifest
+    assert m.weights == WeightsInfo("int4", 32, "qdq", True, "symmetric-rtn", None, False) and m.opset == 21
+    m = load_artifact(quant_exports["int8-matmulnbits-head-b128"]).manifest
+    assert (m.weights.kind, m.weights.block, m.weights.format, m.weights.lm_head) == ("int8", 128, "matmulnbits", True)
+    assert m.weights.accuracy_level == ACCURACY_LEVEL and m.opset == 17
+    assert all(row.ok for row in m.validation) and m.validation  # contract tolerances, exact kernels
+    data = json.loads((quant_exports["int4-matmulnbits"] / "manifest.json").read_text())
+    data["weights"]["kind"] = "int3"
+    with pytest.raises(ValueError, match="weights.kind: 'int3'"):
+        parse_manifest(data)
+    del data["weights"]  # manifests without the record (float exports, older spectrt) still load
+    assert parse_manifest(data).weights is None
+
+
+def test_graph_forms_and_bytes(quant_exports):
+    import onnx
+
+    ops = {}
+    for name in ("float", "int4-matmulnbits", "int4-qdq"):
+        m = onnx.load(str(quant_exports[name] / "base.onnx"), load_external_data=False)
+        ops[name] = {n.op_type for n in m.graph.node}
+    assert "MatMulNBits" in ops["int4-matmulnbits"] and "DequantizeLinear" not in ops["int4-matmulnbits"]
+    assert "DequantizeLinear" in ops["int4-qdq"] and "MatMulNBits" not in ops["int4-qdq"]
+    assert "Pad" in ops["int4-matmulnbits"] and "Pad" not in ops["int4-qdq"]
+    assert load_artifact(quant_exports["int4-matmulnbits"]).manifest.weights.row_pad
+    size = {n: load_artifact(p).graph("base").bytes for n, p in quant_exports.items()}
+    assert size["int4-matmulnbits"] < size["float"] and size["int4-qdq"] < size["float"]
+
+
+def _greedy(path, prompt, n=24):
+    from spectrt.runtime.golden import greedy_trace
+    from spectrt.runtime.ort_runner import OrtBaseRunner
+
+    art = load_artifact(path)
+    with OrtBaseRunner(art, max_q=16) as base:
+        return greedy_trace(base, prompt, n)
+
+
+def test_formats_agree(quant_exports):
+    """matmulnbits and qdq hold the same (q, scales): ORT runs both through MatMulNBits at accuracy level 4
+    (qdq by fusing DequantizeLinear + MatMul), so their greedy tokens agree wherever the margin is clear."""
+    from spectrt.runtime.golden import TIE_MARGIN
+
+    for prompt in ([5, 9, 33, 7], [40, 41, 42]):
+        a, ma = _greedy(quant_exports["int4-matmulnbits"], prompt)
+        b, _ = _greedy(quant_exports["int4-qdq"], prompt)
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        assert k == len(a) or ma[k] < TIE_MARGIN["float32"], (prompt, k, a, b)
+
+
+def test_speculative_equals_ar_on_quantized(quant_exports):
+    from spectrt.runtime.generate import Decoder
+    from spectrt.runtime.lookup import LookupDrafter
+    from spectrt.runtime.ort_runner import OrtBaseRunner
+
+    for name in ("int4-matmulnbits", "int8-matmulnbits-head-b128"):
+        art = load_artifact(quant_exports[name])
+        drafter = LookupDrafter()
+        with OrtBaseRunner(art, max_q=max(16, drafter.max_nodes)) as base:
+            ar = Decoder(base, None, (), prefill_chunk=16).generate([5], 120).tokens
+            spec = Decoder(base, drafter, (), prefill_chunk=16).generate([5], 120).tokens
+        assert spec == ar
+
+
+def test_check_and_build_know_the_formats(quant_exports):
+    from spectrt.profiles.build import build_engines
+    from spectrt.profiles.check import check_artifact
+
+    rep = check_artifact(quant_exports["int4-matmulnbits"])
+    base = next(g for g in rep.graphs if g.name == "base")
+    assert not rep.ok and [f.where for f in base.errors] == ["weights"]
+    assert "ORT-only" in base.errors[0].message and "--weights-format qdq" in base.errors[0].message
+    with pytest.raises(SpectrtError, match="re-export with --weights int4 --weights-format qdq"):
+        build_engines(quant_exports["int4-matmulnbits"], "orin-nano-8gb", dry_run=True, progress=lambda *_: None)
+    rep = check_artifact(quant_exports["int4-qdq"], trt_version="10.15")
+    assert rep.ok, rep.format(verbose=True)
+    assert not check_artifact(quant_exports["int4-qdq"], trt_version="10.3").ok  # opset 21 > 20
+    with pytest.raises(SpectrtError, match="TensorRT 10.3 does not parse"):
+        build_engines(quant_exports["int4-qdq"], "orin-nano-8gb", dry_run=True, progress=lambda *_: None)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--weights", "int4", "--weights-format", "qdq", "--opset", "20"], "needs --opset 21"),
+    (["--quantize-lm-head"], "--quantize-lm-head needs --weights int8 or int4"),
+    (["--block", "48"], "'48' is not one of '32', '64', '128'"),
+    (["--weights", "int3"], "'int3' is not one of 'float', 'int8', 'int4'"),
+])
+def test_bad_options_exit_2_before_writing(tiny_models, tmp_path, capsys, args, message):
+    from spectrt.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", "-m", str(tiny_models["llama"]), "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_quality_report(quant_exports, tmp_path):
+    from spectrt.runtime.quality import evaluate
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    rep = evaluate([str(quant_exports["int4-matmulnbits"]), str(quant_exports["float"])], str(quant_exports["float"]),
+                   str(text), max_tokens=300, window=64, new_tokens=8, progress=lambda *_: None)
+    q4, same, ref = rep.exports
+    assert ref.top1_agreement is None and ref.perplexity > 1
+    assert same.perplexity == ref.perplexity and same.top1_agreement == 1.0 and same.greedy_identical_prompts == 4
+    assert 0 <= q4.top1_agreement <= 1 and 0 <= q4.greedy_prefix_agreement <= 1 and np.isfinite(q4.perplexity)
+    assert q4.base_bytes < ref.base_bytes
+    assert "perplexity" in rep.format() and rep.to_json()["exports"][0]["weights"].startswith("int4")

@@ -229,7 +229,7 @@ def _progress_monitor(progress) -> trt.IProgressMonitor:
 
 
 def build_engines(root, profile, precision: str | None = None, timing_cache=None, graphs: list[str] | None = None,
-                  dry_run: bool = False, progress=print) -> dict[str, EngineRecord]:
+                  dry_run: bool = False, progress=print, ignore_memory: bool = False) -> dict[str, EngineRecord]:
     """Build (or with ``dry_run`` only plan and print) the engines of an artifact; returns the new records.
 
     ``profile``: a device profile name, YAML path or DeviceProfile; engines are keyed by its name.
@@ -244,7 +244,8 @@ def build_engines(root, profile, precision: str | None = None, timing_cache=None
         raise SpectrtError(f"{art.root}: no graph(s) {', '.join(unknown)} (have: {', '.join(art.manifest.graphs)})")
     precision = precision or default_precision(prof, art.dtype)
     weight_bytes = sum(art.graph(g).bytes for g in names)
-    mem = estimate_memory(prof, art.model, weight_bytes, art.dtype, precision, art.max_context)
+    mem = estimate_memory(prof, art.model, weight_bytes, art.dtype, precision, art.max_context,
+                          quantized=art.manifest.weights is not None)
     ctx = effective_max_context(prof, art.max_context)
     progress(f"profile {prof.name}: {prof.description}")
     progress(f"  max context {ctx}, tree nodes <= {prof.max_tree_nodes}, prefill chunk <= {prof.max_prefill_chunk}, "
@@ -254,8 +255,14 @@ def build_engines(root, profile, precision: str | None = None, timing_cache=None
         progress(f"  note: {prof.name} runs {prof.default_precision} best; this {art.dtype} export builds {precision} "
                  f"(export with --dtype {prof.default_precision} for {prof.default_precision} engines)")
     if not mem["fits"]:
-        progress(f"  WARNING: this may not fit the device's memory budget: lower max_context / workspace_mb in a custom "
-                 f"profile (base: {prof.name}) or use a smaller model")
+        fix = (f"lower max_context / workspace_mb in a custom profile (base: {prof.name}), export --weights int8|int4, "
+               "or use a smaller model")
+        if not (dry_run or ignore_memory):
+            raise SpectrtError(f"{art.root} does not fit {prof.name}: estimated {mem['total_mb']:.0f} MiB (weights "
+                               f"{mem['weights_mb']:.0f}, KV cache {mem['kv_cache_mb']:.0f}, I/O {mem['io_buffers_mb']:.0f}, "
+                               f"workspace {mem['workspace_mb']}) of a {mem['budget_mb']} MiB budget; {fix} "
+                               "(--ignore-memory builds anyway)")
+        progress(f"  WARNING: this may not fit the device's memory budget: {fix}")
     facts = None
     trt_version = prof.tensorrt
     if not dry_run:

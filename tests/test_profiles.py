@@ -138,6 +138,10 @@ def test_memory_estimate_scales_with_precision():
     kv = 2 * 3 * p.max_context * 2 * 16 * 2 / 2**20
     assert fp16["kv_cache_mb"] == pytest.approx(kv, abs=0.1)
     assert fp16["fits"] and not estimate_memory(p, model, 20 << 30, "float32", "fp16")["fits"]
+    # an export with int4/int8 weights already holds its low-bit bytes: no rescaling by precision
+    q = estimate_memory(p, model, w, "float32", "int8", quantized=True)
+    assert q["weights_mb"] == pytest.approx(500) and estimate_memory(p, model, w, "float32", "int8")["weights_mb"] == \
+        pytest.approx(125)
 
 
 def test_cli_profiles(capsys, tmp_path):

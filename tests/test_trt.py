@@ -591,3 +591,19 @@ def test_dry_run_plans_every_graph_for_every_device_profile(draft_exports, capsy
             out = capsys.readouterr().out
             missing = [g for g in graphs if f"{g}.onnx" not in out]
             assert not missing, (kind, name, missing)
+
+
+def test_build_refuses_a_profile_the_export_cannot_fit(emu, tmp_path, capsys):
+    """The memory estimate over the profile's budget: build refuses with the numbers (dry-run only warns;
+    --ignore-memory builds anyway)."""
+    art = write_tiny_artifact(tmp_path / "a", max_context=256)
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(SMALL.replace("name: tiny-test", "name: tight") + "memory_budget_mb: 256\n")  # < workspace + KV
+    assert main(["build", str(art), "--profile", str(tight)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit tight: estimated" in err and "of a 256 MiB budget" in err and "--ignore-memory" in err
+    assert not load_artifact(art).manifest.engines  # nothing built
+    assert main(["build", str(art), "--profile", str(tight), "--dry-run"]) == 0
+    assert "WARNING: this may not fit" in capsys.readouterr().out
+    assert main(["build", str(art), "--profile", str(tight), "--ignore-memory"]) == 0
+    assert {e.profile for e in load_artifact(art).manifest.engines.values()} == {"tight"}

@@ -16,11 +16,13 @@ from spectrt.commands._common import CommaList, command, complete_profiles, flat
 @click.option("--graphs", type=CommaList(), multiple=True, show_default="all",
               help="only these graphs (comma-separated, or the option repeated)")
 @click.option("--dry-run", is_flag=True, help="only print the plan and trtexec commands (no TensorRT)")
-def command(dir, profile, precision, timing_cache, graphs, dry_run) -> int:
+@click.option("--ignore-memory", is_flag=True,
+              help="build even when the memory estimate exceeds the profile's budget (refused otherwise)")
+def command(dir, profile, precision, timing_cache, graphs, dry_run, ignore_memory) -> int:
     """Build one TensorRT engine per graph of the export DIR into DIR/engines/<graph>.<profile>.engine and
     record the build in DIR/manifest.json. Prints the equivalent trtexec command lines."""
     from spectrt.profiles.build import build_engines
 
     build_engines(dir, profile, precision=precision, timing_cache=timing_cache, graphs=flatten(graphs),
-                  dry_run=dry_run)
+                  dry_run=dry_run, ignore_memory=ignore_memory)
     return 0

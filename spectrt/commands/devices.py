@@ -14,6 +14,7 @@ class _ExportFacts(NamedTuple):
     dtype: str
     max_context: int
     graph_dims: dict  # contract graph name -> its fixed dims
+    quantized: bool  # low-bit weights in the graphs (export --weights)
 
 
 def _export_facts(path: str) -> _ExportFacts:
@@ -25,7 +26,7 @@ def _export_facts(path: str) -> _ExportFacts:
     art = load_artifact(path)
     graphs = art.manifest.graphs
     return _ExportFacts(art.model, sum(g.bytes for g in graphs.values()), art.dtype, art.max_context,
-                        {g: art.dims(g) for g in graphs if g in GRAPHS})
+                        {g: art.dims(g) for g in graphs if g in GRAPHS}, art.manifest.weights is not None)
 
 
 @command("devices", short_help="list TensorRT device profiles, or show one")
@@ -56,7 +57,8 @@ def command(ctx, name, artifact) -> int:
         from spectrt.profiles import estimate_memory, optimization_profiles
 
         facts = _export_facts(artifact)
-        mem = estimate_memory(p, facts.model, facts.weight_bytes, facts.dtype, None, facts.max_context)
+        mem = estimate_memory(p, facts.model, facts.weight_bytes, facts.dtype, None, facts.max_context,
+                              quantized=facts.quantized)
         print(f"\nmemory estimate ({mem['precision']}): {mem['total_mb']:.0f} MiB of {mem['budget_mb']} MiB "
               f"(weights {mem['weights_mb']:.0f}, KV cache {mem['kv_cache_mb']:.0f}, I/O {mem['io_buffers_mb']:.0f}, "
               f"workspace {mem['workspace_mb']}){'' if mem['fits'] else '  -- OVER BUDGET'}")

@@ -123,6 +123,8 @@ def format_report(report: BenchReport) -> str:
     w = max([14] + [len(m) + 2 for m in j["modes"]])
     s = report.sampling
     how = "greedy" if s.greedy else f"sampling: temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}, seed {s.seed}"
+    if s.typical:
+        how += "; typical acceptance: LOSSY, speculative outputs may differ from AR sampling"
     lines = [f"prompts: {j['prompts']}   output mismatches vs AR: {j['mismatches']}   ({how})", "",
              f"{'mode':<{w}}{'tok/s':>9}{'tau':>8}{'draft ms':>10}{'verify ms':>11}{'tokens':>8}"]
     for m, r in j["modes"].items():

@@ -14,7 +14,7 @@ from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
 from spectrt.runtime.drafters import RootOnly
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.protocols import BaseRunner, Drafter
-from spectrt.runtime.sampling import GREEDY, SamplingConfig, sample
+from spectrt.runtime.sampling import GREEDY, SamplingConfig, sample, typical_choice
 from spectrt.runtime.tree import ROOT_ONLY
 
 AR_TREE = ROOT_ONLY
@@ -57,8 +57,9 @@ class Drawn:
     token drawn from node n's logits with the random number of position ``positions[n]`` (runtime.sampling).
     Acceptance reads only the nodes on its walk, so only those are sampled."""
 
-    def __init__(self, out, sampling: SamplingConfig, positions: np.ndarray):
+    def __init__(self, out, sampling: SamplingConfig, positions: np.ndarray, tokens=None, tree=None):
         self.out, self.sampling, self.positions = out, sampling, positions
+        self.tokens, self.tree = tokens, tree  # the draft: for typical acceptance's candidates
         self.drawn: dict[int, int] = {}
 
     def __getitem__(self, node: int) -> int:
@@ -67,7 +68,12 @@ class Drawn:
         if node not in self.drawn:
             if self.out.logits is None:
                 raise SpectrtError("sampling needs the base runner's logits")
-            self.drawn[node] = sample(self.out.logits[node], self.sampling, int(self.positions[node]))
+            cfg, logits, position = self.sampling, self.out.logits[node], int(self.positions[node])
+            if cfg.typical and self.tree is not None:  # LOSSY opt-in (runtime.sampling.typical_choice)
+                kids = [int(self.tokens[c]) for c in self.tree.children[node].values()]
+                self.drawn[node] = typical_choice(logits, cfg, kids, position)
+            else:
+                self.drawn[node] = sample(logits, cfg, position)
         return self.drawn[node]
 
 
@@ -128,7 +134,7 @@ class Decoder:
         t1 = time.perf_counter()
         positions = self.base.past + tree.depth  # [q]
         out = self.base.forward(tokens, positions, tree.mask)  # verify all nodes at once
-        chosen = Drawn(out, self.sampling, positions + 1)  # the base's token after each node
+        chosen = Drawn(out, self.sampling, positions + 1, tokens, tree)  # the base's token after each node
         path = tree.accept(tokens, chosen)  # node ids, root first
         self.base.commit(path)  # accepted KV rows move into place
         self.history.extend(int(x) for x in tokens[path])

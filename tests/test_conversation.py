@@ -11,25 +11,6 @@ from spectrt.runtime.sampling import SamplingConfig
 from spectrt.runtime.session import SessionConfig, SpecSession
 
 
-@pytest.fixture(scope="module")
-def exports(tiny_models, tmp_path_factory):
-    from transformers import AutoConfig
-
-    from spectrt.export.exporter import ExportOptions, export_model
-    from tests.test_hydra_export import random_hydra
-    from tests.test_medusa_export import random_heads
-
-    root = tmp_path_factory.mktemp("conv")
-    llama = str(tiny_models["llama"])
-    quiet = lambda *_: None  # noqa: E731
-    medusa = random_heads(root / "mh", "2")
-    hydra = random_hydra(root / "hh", "prefix-mlp", shared=False, base_config=AutoConfig.from_pretrained(llama))
-    return {"medusa": export_model(llama, root / "medusa", ExportOptions(max_context=256, heads=str(medusa), topk=4,
-                                                                       tree="12"), progress=quiet),
-            "hydra++": export_model(llama, root / "hydra", ExportOptions(max_context=256, heads=str(hydra), topk=6,
-                                                                       tree="14"), progress=quiet)}
-
-
 TURN1 = list(range(30, 50))
 
 
@@ -37,9 +18,9 @@ TURN1 = list(range(30, 50))
                                                ("medusa", "spec", "heads+lookup"), ("hydra++", "spec", "heads"),
                                                ("medusa", "spec", "lookup")])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_second_turn_prefills_only_new_tokens_and_equals_a_fresh_prefill(exports, kind, mode, draft, temperature):
+def test_second_turn_prefills_only_new_tokens_and_equals_a_fresh_prefill(draft_exports, kind, mode, draft, temperature):
     cfg = SessionConfig(mode=mode, draft=draft, sampling=SamplingConfig(temperature=temperature, seed=5))
-    with SpecSession(exports[kind], cfg) as s:
+    with SpecSession(draft_exports[kind], cfg) as s:
         first = s.generate(TURN1, 20, reuse=True)
         turn2 = TURN1 + first.tokens + [7, 8, 9, 10, 11]  # the conversation so far + the user's next message
         second = s.generate(turn2, 20, reuse=True)
@@ -50,14 +31,14 @@ def test_second_turn_prefills_only_new_tokens_and_equals_a_fresh_prefill(exports
         edited = TURN1[:10] + [3, 4]  # an edited history: only the common prefix stays
         third = s.generate(edited, 20, reuse=True)
         assert third.reused_tokens == 10
-    with SpecSession(exports[kind], cfg) as fresh:
+    with SpecSession(draft_exports[kind], cfg) as fresh:
         assert fresh.generate(turn2, 20).tokens == second.tokens
         assert fresh.generate(edited, 20).tokens == third.tokens
 
 
-def test_reuse_needs_an_unchanged_cache(exports):
+def test_reuse_needs_an_unchanged_cache(draft_exports):
     """Another writer to the base runner (or a failed call) makes the decoder start over instead of reusing."""
-    art = load_artifact(exports["medusa"])
+    art = load_artifact(draft_exports["medusa"])
     with OrtBaseRunner(art, max_q=16) as base:
         a, b = Decoder(base, prefill_chunk=16), Decoder(base, prefill_chunk=16)
         first = a.generate(TURN1, 10, reuse=True)
@@ -73,8 +54,8 @@ def test_reuse_needs_an_unchanged_cache(exports):
         assert a.generate(TURN1 + [1], 10, reuse=True).reused_tokens == len(TURN1)
 
 
-def test_a_prompt_equal_to_the_cache_still_runs_its_last_token(exports):
-    with SpecSession(exports["medusa"], SessionConfig(mode="ar")) as s:
+def test_a_prompt_equal_to_the_cache_still_runs_its_last_token(draft_exports):
+    with SpecSession(draft_exports["medusa"], SessionConfig(mode="ar")) as s:
         one = s.generate(TURN1, 8, reuse=True)
         two = s.generate(TURN1, 8, reuse=True)
         assert two.reused_tokens == len(TURN1) - 1 and two.tokens == one.tokens

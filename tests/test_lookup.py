@@ -207,16 +207,6 @@ def test_merged_equals_ar(llama, reference, paths, p, n, seed, first, ctx, max_n
 
 # ----------------------------------------------------------------------------- sessions and the CLI
 
-@pytest.fixture(scope="module")
-def medusa_export(tiny_models, tmp_path_factory):
-    from spectrt.export.exporter import ExportOptions, export_model
-    from tests.test_medusa_export import random_heads
-
-    root = tmp_path_factory.mktemp("lookup_medusa")
-    heads = random_heads(root / "heads", "2")
-    return export_model(str(tiny_models["llama"]), root / "art",
-                        ExportOptions(max_context=256, heads=str(heads), topk=4, tree="12"), progress=lambda *_: None)
-
 
 @pytest.mark.parametrize("draft", ["heads", "lookup", "heads+lookup"])
 @pytest.mark.parametrize("max_context", [None, 90])

@@ -132,17 +132,6 @@ def test_sampled_acceptance_goes_through_non_first_children(llama):
     assert spec.tokens == ar and spec.tau > 2
 
 
-@pytest.fixture(scope="module")
-def medusa_export(tiny_models, tmp_path_factory):
-    from spectrt.export.exporter import ExportOptions, export_model
-    from tests.test_medusa_export import random_heads
-
-    root = tmp_path_factory.mktemp("sampling")
-    return export_model(str(tiny_models["llama"]), root / "medusa",
-                        ExportOptions(max_context=256, heads=str(random_heads(root / "heads", "2")), topk=4, tree="12"),
-                        progress=lambda *_: None)
-
-
 def test_session_sampling_on_a_medusa_export(medusa_export):
     """Through SpecSession (the API and CLI path): seeded spec == seeded AR, and differs from greedy."""
     out = {}

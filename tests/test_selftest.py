@@ -16,17 +16,6 @@ from tests import trt_emulator
 from tests.tiny_artifact import SMALL
 
 
-@pytest.fixture(scope="module")
-def medusa_export(tiny_models, tmp_path_factory):
-    from spectrt.export.exporter import ExportOptions, export_model
-    from tests.test_medusa_export import random_heads
-
-    root = tmp_path_factory.mktemp("selftest")
-    heads = random_heads(root / "heads", "2")
-    return export_model(str(tiny_models["llama"]), root / "medusa",
-                        ExportOptions(max_context=256, heads=str(heads), topk=4, tree="12"), progress=lambda *_: None)
-
-
 def _copy(src, tmp_path):
     import shutil
 

@@ -458,26 +458,6 @@ def test_engine_of_a_re_exported_graph_is_refused(built, tmp_path):
 # ----------------------------------------------------------------------------------------------- end to end (emulated)
 
 
-@pytest.fixture(scope="module")
-def draft_exports(tiny_models, tmp_path_factory):
-    """A Medusa and a Hydra++ export (own LM heads: hydra_lm_head.i, hydra_prefix) of the tiny llama."""
-    from transformers import AutoConfig
-
-    from spectrt.export.exporter import ExportOptions, export_model
-    from tests.test_hydra_export import random_hydra
-    from tests.test_medusa_export import random_heads
-
-    root = tmp_path_factory.mktemp("trt_e2e")
-    llama = str(tiny_models["llama"])
-    medusa = random_heads(root / "medusa_heads", "2")
-    hydra = random_hydra(root / "hydra_heads", "prefix-mlp", shared=False, base_config=AutoConfig.from_pretrained(llama))
-    quiet = lambda *_: None  # noqa: E731
-    return {"medusa": export_model(llama, root / "medusa", ExportOptions(max_context=256, heads=str(medusa), topk=4,
-                                                                       tree="12"), progress=quiet),
-            "hydra++": export_model(llama, root / "hydra", ExportOptions(max_context=256, heads=str(hydra), topk=6,
-                                                                       tree="14"), progress=quiet)}
-
-
 PROMPTS = ["hello world", "the quick brown fox"]
 
 

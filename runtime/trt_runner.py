@@ -113,6 +113,7 @@ class _TrtRunner:
         self.device: _Device | None = None
         self.addresses: dict[str, int] = {}  # I/O tensor -> device address (bound after every profile switch)
         self.dtypes: dict[str, np.dtype] = {}
+        self._host: dict[str, np.ndarray] = {}  # output -> host buffer (flat, sized for the largest call)
         self._active = -1  # the optimization profile selected on the context
 
     def __enter__(self):
@@ -156,6 +157,16 @@ class _TrtRunner:
 
     def _allocate(self) -> None:  # pragma: no cover - subclass hook
         raise NotImplementedError
+
+    def _shape(self, spec, n: int) -> tuple[int, ...]:  # pragma: no cover - subclass hook
+        raise NotImplementedError
+
+    def _allocate_io(self, n: int) -> None:
+        """A device buffer per I/O tensor and a host buffer per output, sized for ``n`` (max q or max batch)."""
+        for s in self.spec.inputs + self.spec.outputs:
+            self._alloc(s.name, self._nbytes(s.name, self._shape(s, n)))
+        for s in self.spec.outputs:
+            self._host[s.name] = np.empty(math.prod(self._shape(s, n)), self.dtypes[s.name])
 
     def _alloc(self, name: str, nbytes: int) -> int:
         assert self.device is not None
@@ -217,7 +228,6 @@ class TrtKVRunner(_TrtRunner):
         self.skip = frozenset(skip)
         self.past = 0
         self._last_q = 0
-        self._host: dict[str, np.ndarray] = {}
         self._kv: list[tuple[int, int]] = []  # per layer and K/V: (cache, scratch) addresses
 
     def _shape(self, spec, q: int) -> tuple[int, ...]:
@@ -225,10 +235,7 @@ class TrtKVRunner(_TrtRunner):
         return tuple(int(d) for d in shape)
 
     def _allocate(self) -> None:
-        for s in self.spec.inputs + self.spec.outputs:
-            self._alloc(s.name, self._nbytes(s.name, self._shape(s, self.max_q)))
-        for s in self.spec.outputs:
-            self._host[s.name] = np.empty(math.prod(self._shape(s, self.max_q)), self.dtypes[s.name])
+        self._allocate_io(self.max_q)
         self.row = (1, self.dims["kv_heads"], self.dims["head_dim"])  # one token of one layer's K or V
         self.row_bytes = self._nbytes("past_key.0", self.row)
         self._kv = []
@@ -350,17 +357,13 @@ class TrtGraphRunner(_TrtRunner):
         super().__init__(artifact, graph, profile, strict_gpu)
         top = self.record.max_dims()["batch"]
         self.max_batch = min(top, max_batch or top)
-        self._host: dict[str, np.ndarray] = {}
 
     def _shape(self, spec, batch: int) -> tuple[int, ...]:
         shape, _ = spec.resolve({**self.dims, "batch": batch}, MODEL_DTYPE)
         return tuple(int(d) for d in shape)
 
     def _allocate(self) -> None:
-        for s in self.spec.inputs + self.spec.outputs:
-            self._alloc(s.name, self._nbytes(s.name, self._shape(s, self.max_batch)))
-        for s in self.spec.outputs:
-            self._host[s.name] = np.empty(math.prod(self._shape(s, self.max_batch)), self.dtypes[s.name])
+        self._allocate_io(self.max_batch)
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         assert self.device is not None

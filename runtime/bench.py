@@ -27,6 +27,7 @@ class Totals:
     steps: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    rechecks: int = 0
 
     def add(self, r: GenerationResult) -> None:
         self.tokens += len(r.tokens) - 1  # the first token comes from prefill
@@ -34,6 +35,7 @@ class Totals:
         self.steps += r.steps
         self.draft_s += r.draft_s
         self.verify_s += r.verify_s
+        self.rechecks += r.rechecks
 
     @property
     def tok_s(self) -> float:
@@ -46,7 +48,7 @@ class Totals:
     def row(self) -> dict:
         return {"tokens": self.tokens, "tok_s": round(self.tok_s, 2), "tau": round(self.tau, 3),
                 "draft_ms_per_step": round(1e3 * self.draft_s / max(self.steps, 1), 3),
-                "verify_ms_per_step": round(1e3 * self.verify_s / max(self.steps, 1), 3)}
+                "verify_ms_per_step": round(1e3 * self.verify_s / max(self.steps, 1), 3), "rechecks": self.rechecks}
 
 
 @dataclass

@@ -29,6 +29,7 @@ class GenerationResult:
     decode_s: float = 0.0
     steps: int = 0  # verify calls
     reused_tokens: int = 0  # prompt tokens whose K/V were kept from the previous generation (reuse=True)
+    rechecks: int = 0  # steps whose accepted path was verified again as a chain (Decoder._recheck)
     draft_s: float = 0.0
     verify_s: float = 0.0
 
@@ -47,7 +48,7 @@ class GenerationResult:
         return {"prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens,
                 "new_tokens": len(self.tokens), "stop_reason": self.stop_reason,
                 "prefill_ms": round(self.prefill_s * 1e3, 2), "decode_s": round(self.decode_s, 4),
-                "decode_tok_s": finite(self.decode_tok_s, 2), "steps": self.steps, "tau": finite(self.tau, 3),
+                "decode_tok_s": finite(self.decode_tok_s, 2), "steps": self.steps, "rechecks": self.rechecks, "tau": finite(self.tau, 3),
                 "draft_ms_per_step": round(self.draft_s * 1e3 / max(self.steps, 1), 3),
                 "verify_ms_per_step": round(self.verify_s * 1e3 / max(self.steps, 1), 3)}
 
@@ -136,6 +137,10 @@ class Decoder:
         out = self.base.forward(tokens, positions, tree.mask)  # verify all nodes at once
         chosen = Drawn(out, self.sampling, positions + 1, tokens, tree)  # the base's token after each node
         path = tree.accept(tokens, chosen)  # node ids, root first
+        if path[-1] != len(path) - 1:  # a node with non-ancestors before it: recheck the path as a chain
+            tokens = tokens[path]  # [d]: the path, now a chain
+            out, chosen, path = self._recheck(tokens)
+            res.rechecks += 1
         self.base.commit(path)  # accepted KV rows move into place
         self.history.extend(int(x) for x in tokens[path])
         self.drafter.observe(out.hidden_states[path], tokens[path])
@@ -146,6 +151,26 @@ class Decoder:
         last = path[-1]
         bonus = chosen[last]
         return [int(t) for t in tokens[path[1:]]] + [bonus], bonus, out.hidden_states[last].copy()
+
+    def _recheck(self, chain: np.ndarray):
+        """Verify the accepted path ``chain`` [d] (root first) again as a causal chain, and accept its longest
+        prefix the chain's own choices confirm.
+
+        A tree node whose earlier slots hold non-ancestors (an elder sibling's subtree) attends over masked
+        keys *between* visible ones; ONNX Runtime's vectorized Softmax and MatMul then sum in another order
+        than a decode step does (masked keys after the visible ones change nothing), so its numbers can
+        differ from autoregressive decoding in the last bits (measured, SmolLM2 fp32: |d logit| 2.3e-5), and
+        int8-activation kernels (MatMulNBits accuracy level 4) turn that into flipped near-ties. A chain has
+        only trailing masked keys: its numbers are AR's, so speculative output stays AR's exactly. Costs one
+        more base call on the steps that accept through such a node (``GenerationResult.rechecks``)."""
+        d = len(chain)
+        positions = self.base.past + np.arange(d)
+        out = self.base.forward(chain, positions, np.tri(d, dtype=np.bool_))  # [d] rows, AR's layout
+        chosen = Drawn(out, self.sampling, positions + 1)
+        k = 1
+        while k < d and chosen[k - 1] == int(chain[k]):
+            k += 1
+        return out, chosen, list(range(k))
 
     def generate(self, prompt_ids, max_new_tokens: int, on_tokens=None, reuse: bool = False) -> GenerationResult:
         """Decode up to ``max_new_tokens`` after the prompt; ``on_tokens(list)`` gets each step's new tokens (it

@@ -136,8 +136,11 @@ def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray
     shp = _Shapes(g, ids, "past_key.0")
     tables = attention_tables(g, tree, pos, shp, inv_freq, rope_scaling, NH // KVH)
 
-    embed = g.weight("embed_tokens", weights.embed)  # [V, H], shared with a tied LM head
-    x = g.op("Gather", embed, ids, axis=0)  # [B, q, H]
+    if quant is not None and "embed_tokens" in quant:  # block-quantized table (shared with a quantized LM head)
+        embed, x = None, quant.gather(g, ids, dims.hidden)  # [B, q, H]
+    else:
+        embed = g.weight("embed_tokens", weights.embed)  # [V, H], shared with a tied LM head
+        x = g.op("Gather", embed, ids, axis=0)  # [B, q, H]
     for i in range(dims.num_layers):
         x = decoder_layer(g, x, lambda n, t=False, i=i: weights.layer(i, n, t), dims.rms_eps, NH, KVH, D,
                           (names[f"past_key.{i}"], names[f"past_value.{i}"]),

@@ -20,7 +20,7 @@ from spectrt.export.files import staged
 from spectrt.export.hydra import is_hydra_checkpoint
 from spectrt.export.hydra_graphs import export_hydra, validate_hydra
 from spectrt.export.onnx_graph import save_graph
-from spectrt.export.quantize import QDQ_OPSET, QuantSpec, quantize_model
+from spectrt.export.quantize import DEFAULT_SCHEME, QDQ_OPSET, QuantSpec, quantize_model
 from spectrt.export.shipped import builtin_vocab, shipped_heads
 from spectrt.export.sources import load_hf, resolve_model
 from spectrt.export.validate import VALIDATION_TEXT, validate_base
@@ -35,6 +35,8 @@ from spectrt.version import __version__
 
 MIN_OPSET, MAX_OPSET = 13, 21  # TensorRT 10.0-10.14 parse opsets up to 20; 21: block-wise Q/DQ (qdq weights)
 VocabCalibrator = Callable[[object, object, int], VocabTrim]  # (model, tokenizer, N) -> the top-N VocabTrim
+# (model, tokenizer, bits, block, asymmetric) -> rescales the float model in place before rounding (AWQ)
+WeightCalibrator = Callable[[object, object, int, int, bool], None]
 
 
 @dataclass
@@ -58,9 +60,14 @@ class ExportOptions:
     weights_format: str = "matmulnbits"  # matmulnbits (ONNX Runtime only) | qdq (TensorRT, opset 21)
     quantize_lm_head: bool = False
     row_pad: bool = True  # int4 matmulnbits: keeps speculative == AR on ONNX Runtime (export.quantize)
+    scheme: str = DEFAULT_SCHEME  # auto | symmetric | asymmetric | gguf (export.quantize)
+    quantize_embeddings: bool = False
+    awq: bool = False  # activation-aware scaling before rounding: needs calibrate_weights (the CLI passes it)
+    calibrate_weights: WeightCalibrator | None = None  # `spectrt.calibration.awq` on calibration prompts
 
     def quant_spec(self) -> QuantSpec:
-        return QuantSpec(self.weights, self.block, self.weights_format, self.quantize_lm_head, self.row_pad)
+        return QuantSpec(self.weights, self.block, self.weights_format, self.quantize_lm_head, self.row_pad,
+                         self.scheme, self.quantize_embeddings, self.awq)
 
 
 def prepare_output_dir(out: Path) -> None:
@@ -103,7 +110,6 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     quant = o.quant_spec()
     if o.opset is None:
         o = dataclasses.replace(o, opset=QDQ_OPSET if quant.quantized and quant.format == "qdq" else DEFAULT_OPSET)
-    quant.check(o.opset)
     dtype = DTYPE_ALIASES.get(o.dtype)
     if dtype is None:
         raise SpectrtError(f"unsupported dtype '{o.dtype}' (supported: fp32, fp16)")
@@ -117,7 +123,13 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     out = Path(out_dir)
     prepare_output_dir(out)
     source = resolve_model(model_spec)
+    quant.check(o.opset, gguf_source=source.is_gguf)
+    if quant.awq and o.calibrate_weights is None:
+        raise SpectrtError("--awq needs a weight calibrator (spectrt.calibration.awq; the CLI passes it)")
     heads = _heads_path(o, source)
+    if quant.embeddings and heads is not None and is_hydra_checkpoint(heads):
+        raise SpectrtError("--quantize-embeddings: Hydra heads read the base's float embedding table; export "
+                           "them without it")
     if heads is None and (o.vocab or o.vocab_size):
         raise SpectrtError("--vocab/--vocab-size trim the draft LM head: they need draft heads (--heads)")
     if o.full_vocab and (o.vocab or o.vocab_size):
@@ -143,7 +155,9 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     trim = _vocab_trim(o, model, tok, vocab, vocab_size) if heads is not None else None  # checked before building
     inv_freq, rope_scale = rope_tables(model)
     # quantized once: the graph gets (q, scales), the torch model q * scale (validation, golden, draft heads)
-    qweights = quantize_model(model, dims.num_layers, quant) if quant.quantized else None
+    prescale = (lambda m, *args: o.calibrate_weights(m, tok, *args)) if o.calibrate_weights else None
+    qweights = (quantize_model(model, dims.num_layers, quant, source.path if source.is_gguf else None,
+                               dims.num_heads, dims.kv_heads, prescale) if quant.quantized else None)
 
     with staged(out) as tmp:
         steps("building base.onnx")
@@ -156,7 +170,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
             spectrt_version=__version__, contract_version=CONTRACT_VERSION,
             model=ModelInfo(**dataclasses.asdict(dims), source=source.name, builtin=source.builtin),
             dtype=dtype, opset=o.opset, max_context=o.max_context, graphs=graphs,
-            tokenizer=write_tokenizer(tok, model, tmp), weights=quant.info())
+            tokenizer=write_tokenizer(tok, model, tmp), weights=qweights.info() if qweights else None)
         if heads is not None:
             steps(f"building the draft graphs from {heads}")
             target = DraftTarget(model, dims, tmp, dtype, o.opset, o.topk, o.tree, __version__, trim)

@@ -368,6 +368,9 @@ def _check_contract(model, spec: GraphSpec, dims: dict, dtype: str | None, rep: 
         expected = {s.name for s in specs}
         for s in specs:
             vi = actual[kind].get(s.name)
+            if vi is None and s.optional:
+                rep.add(INFO, f"{kind} '{s.name}'", "absent (an optional output added after this export was made)")
+                continue
             if vi is None:
                 rep.add(ERROR, f"{kind} '{s.name}'", f"missing (the I/O contract's '{spec.name}' graph has it)")
                 continue
@@ -485,15 +488,17 @@ def check_artifact(root, profile: str | None = None, trt_version: str | None = N
     w = art.manifest.weights
     if w is not None and w.ort_only:  # one line instead of one per MatMulNBits node
         base = next(g for g in report.graphs if g.name == "base")
-        n = sum(1 for f in base.findings if "MatMulNBits" in f.where)
-        base.findings = [f for f in base.findings if "MatMulNBits" not in f.where]
-        base.add(ERROR, "weights", f"ORT-only export: {n} MatMulNBits nodes hold {w.kind} weights (com.microsoft "
-                                   f"contrib op); TensorRT cannot parse them: re-export with --weights {w.kind} "
-                                   "--weights-format qdq (opset 21) for TensorRT")
+        contrib = ("MatMulNBits", "GatherBlockQuantized")
+        n = sum(1 for f in base.findings if any(op in f.where for op in contrib))
+        base.findings = [f for f in base.findings if not any(op in f.where for op in contrib)]
+        base.add(ERROR, "weights", f"ORT-only export: {n} MatMulNBits/GatherBlockQuantized nodes hold {w.kind} "
+                                   f"weights (com.microsoft contrib ops); TensorRT cannot parse them: re-export with "
+                                   f"--weights {w.kind} --weights-format qdq (opset 21) for TensorRT")
     elif w is not None:
         base = next(g for g in report.graphs if g.name == "base")
         base.add(INFO, "weights", f"{w.label()}: DequantizeLinear -> MatMul (TensorRT explicit quantization; "
-                                  "INT4 blocks need symmetric scales, which these are)")
+                                  "INT4 blocks need symmetric scales, which these are: an asymmetric grid's "
+                                  "offsets are a separate float MatMul)")
     return report
 
 

@@ -165,6 +165,36 @@ class EmbeddingRef:
 
 DRAFT_KINDS = ("medusa", "hydra")
 HYDRA_ARCHS = ("mlp", "prefix-mlp")
+MAX_TREE_NODES = 4096  # a verify call's rows; a larger node budget is a damaged manifest
+TREE_COSTS = ("measured", "roofline")  # where `spectrt calibrate tree` took a step's cost from
+CALIBRATED_DRAFTS = ("heads", "heads+lookup")  # the drafts a calibration simulates (runtime.drafters sources)
+
+
+@dataclass(frozen=True)
+class TreeCalibration:
+    """How `spectrt calibrate tree` chose the node budget: acceptance measured on calibration prompts, and a
+    step's cost measured (`spectrt profile --json`) or estimated from a device profile's roofline."""
+
+    cost: str  # measured | roofline
+    cost_source: str  # the timings file, "measured here (ort)", or the device profile's name
+    draft: str  # the drafts simulated: heads | heads+lookup
+    prompts: str  # calibration prompts: file and count
+    positions: int  # draft positions measured
+    tau: float  # expected tokens per step
+    tokens_per_s: float  # expected decode tokens/s under the cost model
+    speedup: float  # expected, vs autoregressive decoding under the same cost model
+    profile: str | None = None  # the device profile (roofline), if any
+
+    def _validate(self) -> None:
+        if self.cost not in TREE_COSTS:
+            raise Invalid(f"cost: '{self.cost}' is not one of {', '.join(TREE_COSTS)}")
+        if self.draft not in CALIBRATED_DRAFTS:
+            raise Invalid(f"draft: '{self.draft}' is not one of {', '.join(CALIBRATED_DRAFTS)}")
+        _positive(self, "positions")
+        if not self.tau >= 1.0:
+            raise Invalid(f"tau: tokens per step are at least 1, got {self.tau}")
+        if not (self.tokens_per_s > 0 and self.speedup > 0):
+            raise Invalid(f"tokens_per_s/speedup: must be > 0, got {self.tokens_per_s}/{self.speedup}")
 
 
 @dataclass(frozen=True)
@@ -182,11 +212,22 @@ class DraftInfo:
     arch: str | None = None  # hydra: mlp | prefix-mlp (Hydra++)
     vocab_trim: VocabTrimInfo | None = None
     embedding: EmbeddingRef | None = None  # hydra: path embeddings come from the base's table
+    # node budget of one step's draft tree, root included, fitted to a device by `spectrt calibrate tree`
+    # (``calibration`` says how); None: not calibrated, the static tree's size
+    nodes: int | None = None
+    calibration: TreeCalibration | None = None
 
     def _validate(self) -> None:
         if self.kind not in DRAFT_KINDS:
             raise Invalid(f"kind: '{self.kind}' is not one of {', '.join(DRAFT_KINDS)}")
         _positive(self, "num_heads", "num_layers", "topk", "lm_head_rows")
+        if self.nodes is not None:
+            if not 1 <= self.nodes <= MAX_TREE_NODES:
+                raise Invalid(f"nodes: must be in 1..{MAX_TREE_NODES}, got {self.nodes}")
+            if len(self.tree) + 1 > self.nodes:
+                raise Invalid(f"nodes: the static tree has {len(self.tree) + 1} nodes, over the budget of {self.nodes}")
+        if self.calibration is not None and self.nodes is None:
+            raise Invalid("calibration: records a calibrated node budget, but nodes is null")
         if self.kind == "hydra":
             if self.arch not in HYDRA_ARCHS:
                 raise Invalid(f"arch: '{self.arch}' is not one of {', '.join(HYDRA_ARCHS)}")
@@ -194,6 +235,11 @@ class DraftInfo:
                 raise Invalid("embedding: a hydra drafter needs the base's embedding table record")
         if self.topk > self.lm_head_rows:
             raise Invalid(f"topk: {self.topk} exceeds the draft LM head's {self.lm_head_rows} rows")
+
+    @property
+    def node_budget(self) -> int:
+        """Nodes of one step's draft tree, root included: the calibrated budget, else the static tree's size."""
+        return self.nodes if self.nodes is not None else len(self.tree) + 1
 
     @property
     def is_hydra_plus(self) -> bool:
@@ -211,6 +257,9 @@ class DraftInfo:
 WEIGHT_KINDS = ("int8", "int4")
 WEIGHT_FORMATS = ("qdq", "matmulnbits")
 WEIGHT_BLOCKS = (32, 64, 128)
+WEIGHT_SCHEMES = ("symmetric-rtn", "asymmetric-rtn", "gguf")  # as recorded
+QUANT_SCHEMES = ("auto", "symmetric", "asymmetric", "gguf")  # `export --scheme` (auto resolves to another)
+DEFAULT_WEIGHT_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -223,10 +272,12 @@ class WeightsInfo:
     kind: str  # int8 | int4
     block: int  # input rows per scale
     format: str  # qdq | matmulnbits
-    lm_head: bool = False  # the LM head is quantized too (embeddings always stay float)
-    scheme: str = "symmetric-rtn"  # symmetric, round-to-nearest, fp32 scales, no zero point
+    lm_head: bool = False  # the LM head is quantized too (8-bit blocks)
+    scheme: str = "symmetric-rtn"  # the projections': symmetric-rtn | asymmetric-rtn | gguf (the source's blocks)
     accuracy_level: int | None = None  # MatMulNBits' accuracy_level (4: int8 activations)
     row_pad: bool = False  # int4 MatMulNBits fed one extra zero row (same kernel for q = 1 and q > 1)
+    embeddings: bool = False  # input embeddings quantized (GatherBlockQuantized; a tied LM head shares them)
+    awq: bool = False  # activation-aware scales (calibration prompts) before rounding
 
     def _validate(self) -> None:
         if self.kind not in WEIGHT_KINDS:
@@ -235,13 +286,18 @@ class WeightsInfo:
             raise Invalid(f"format: '{self.format}' is not one of {', '.join(WEIGHT_FORMATS)}")
         if self.block not in WEIGHT_BLOCKS:
             raise Invalid(f"block: {self.block} is not one of {', '.join(map(str, WEIGHT_BLOCKS))}")
+        if self.scheme not in WEIGHT_SCHEMES:
+            raise Invalid(f"scheme: '{self.scheme}' is not one of {', '.join(WEIGHT_SCHEMES)}")
+        if self.embeddings and self.format != "matmulnbits":
+            raise Invalid("embeddings: quantized embeddings exist only in the matmulnbits format")
 
     @property
     def ort_only(self) -> bool:
         return self.format == "matmulnbits"
 
     def label(self) -> str:
-        return f"{self.kind} (block {self.block}, {self.format}{', LM head too' if self.lm_head else ''})"
+        vocab = ", embeddings + LM head int8" if self.embeddings else ", LM head int8" if self.lm_head else ""
+        return f"{self.kind} {self.scheme}{' + AWQ' if self.awq else ''} (block {self.block}, {self.format}{vocab})"
 
 
 @dataclass(frozen=True)
@@ -598,6 +654,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
 
 
 __all__ = ["Artifact", "DecoderDims", "DraftInfo", "EmbeddingRef", "EngineRecord", "FileRecord", "FORMAT_VERSION", "GraphRecord",
-           "Invalid", "MANIFEST", "decode_json", "encode_json", "Manifest", "ModelInfo", "OptimizationProfileRecord", "TokenizerInfo",
+           "Invalid", "MANIFEST", "MAX_TREE_NODES", "TreeCalibration", "decode_json", "encode_json", "Manifest", "ModelInfo", "OptimizationProfileRecord", "TokenizerInfo",
            "ValidationRow", "VocabTrimInfo", "WeightsInfo", "atomic_write", "engine_key", "file_record", "load_artifact",
            "parse_manifest", "sha256_file", "write_manifest"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from spectrt.export.onnx_graph import GraphBuilder
-from spectrt.export.quantize import (ACCURACY_LEVEL, QuantizedLinear, QuantizedWeights, QuantSpec,
+from spectrt.export.quantize import (ACCURACY_LEVEL, QuantizedWeights, QuantSpec,
                                      dequantize_blocks, pack_matmulnbits, quantize_blocks)
 from spectrt.runtime.artifact import WeightsInfo, load_artifact, parse_manifest
 from spectrt.runtime.errors import SpectrtError
@@ -26,7 +26,9 @@ def test_quantize_blocks_exact(bits, K, block):
     rng = np.random.default_rng(K + bits)
     w = rng.standard_normal((K, 24)).astype(np.float32)
     w[:block, 3] = 0.0  # an all-zero block gets scale 1 and q 0
-    q, s = quantize_blocks(w, bits, block)
+    t = quantize_blocks(w, bits, block)
+    q, s = t.q, t.scales
+    assert t.offset is None and t.bits == bits
     nb = -(-K // block)
     assert q.shape == w.shape and q.dtype == np.int8 and s.shape == (nb, 24) and s.dtype == np.float32
     assert np.abs(q).max() <= QMAX[bits]
@@ -59,39 +61,43 @@ def test_matmulnbits_packing_round_trips(bits):
 
 # ----------------------------------------------------------------------------- one quantized MatMul on ORT
 
-def _single_matmul(fmt: str, bits: int, block: int, w: np.ndarray, opset: int, row_pad: bool = True):
+def _single_matmul(fmt: str, bits: int, block: int, w: np.ndarray, opset: int, row_pad: bool = True,
+                   asymmetric: bool = False):
     import onnxruntime as ort
     from onnx import helper
 
     K, N = w.shape
-    q, s = quantize_blocks(w, bits, block)
+    t = quantize_blocks(w, bits, block, asymmetric)
     kind = {8: "int8", 4: "int4"}[bits]
     g = GraphBuilder("one", opset, "float32")
-    g.quant = QuantizedWeights(QuantSpec(kind, block, fmt, row_pad=row_pad), {"w": QuantizedLinear(q, s)})
+    g.quant = QuantizedWeights(QuantSpec(kind, block, fmt, row_pad=row_pad), {"w": t})
     g.inputs.append(helper.make_tensor_value_info("x", 1, ["m", K]))
     g.op("Identity", g.quant.matmul(g, "x", "w", rank=2), outputs=["y"])
     g.outputs.append(helper.make_tensor_value_info("y", 1, ["m", N]))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(g.model("test").SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess, q, s
+    return sess, t
 
 
 @pytest.mark.parametrize("fmt,opset", [("matmulnbits", 17), ("qdq", 21)])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_matmul_within_bound(fmt, opset, bits):
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_quantized_matmul_within_bound(fmt, opset, bits, asymmetric):
     """ORT's output vs x @ W (float): within the bound the quantization steps give, term by term:
     weights |x| @ (scale/2), plus int8 activations (accuracy level 4: per block of x, step max|x|/127)
-    |dx| @ |q*scale| with |dx| <= max|x_block| / 254."""
+    |dx| @ |q*scale| with |dx| <= max|x_block| / 254 (an asymmetric grid's offset term is fp32)."""
     rng = np.random.default_rng(bits)
-    K, N, block = 96, 40, 32
-    w = rng.standard_normal((K, N)).astype(np.float32)
+    K, N, block = 80, 40, 32  # 80: a partial last block
+    w = rng.standard_normal((K, N)).astype(np.float32) + (1.5 if asymmetric else 0)  # off-centre weights
     x = rng.standard_normal((3, K)).astype(np.float32)
-    sess, q, s = _single_matmul(fmt, bits, block, w, opset)
+    sess, t = _single_matmul(fmt, bits, block, w, opset, asymmetric=asymmetric)
     y = sess.run(None, {"x": x})[0]
-    step = np.repeat(s, block, axis=0)[:K]  # [K, N] scale of each weight
-    deq = dequantize_blocks(q, s, block)
-    xmax = np.abs(x.reshape(3, K // block, block)).max(-1).repeat(block, -1)  # [3, K]
+    step = np.repeat(t.scales, block, axis=0)[:K]  # [K, N] scale of each weight
+    deq = dequantize_blocks(t.q, t.scales, block)  # q * scale, without the offset
+    xp = np.zeros((3, -(-K // block) * block), np.float32)
+    xp[:, :K] = x
+    xmax = np.abs(xp.reshape(3, -1, block)).max(-1).repeat(block, -1)[:, :K]  # [3, K]
     bound = np.abs(x) @ (step / 2) + (xmax / 254) @ np.abs(deq)
     err = np.abs(y - x @ w)
     assert (err <= bound * 1.01 + 1e-5).all(), float((err / bound).max())
@@ -104,7 +110,7 @@ def test_rows_do_not_depend_on_how_many(bits):
     pass (several): int8 is; int4 is with row padding (ORT's int4 kernel has a separate 1-row path)."""
     w = np.random.default_rng(1).standard_normal((576, 192)).astype(np.float32)
     x = np.random.default_rng(2).standard_normal((5, 576)).astype(np.float32)
-    sess, _, _ = _single_matmul("matmulnbits", bits, 32, w, 17)
+    sess, _ = _single_matmul("matmulnbits", bits, 32, w, 17)
     many = sess.run(None, {"x": x})[0]
     for i in range(5):
         np.testing.assert_array_equal(sess.run(None, {"x": x[i:i + 1]})[0][0], many[i])
@@ -115,10 +121,9 @@ def test_qdq_graph_form():
     import onnx
 
     w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
-    sess, _, _ = _single_matmul("qdq", 4, 32, w, 21)
+    sess, _ = _single_matmul("qdq", 4, 32, w, 21)
     g = GraphBuilder("one", 21, "float32")
-    q, s = quantize_blocks(w, 4, 32)
-    g.quant = QuantizedWeights(QuantSpec("int4", 32, "qdq"), {"w": QuantizedLinear(q, s)})
+    g.quant = QuantizedWeights(QuantSpec("int4", 32, "qdq"), {"w": quantize_blocks(w, 4, 32)})
     g.quant.matmul(g, "x", "w")
     dq = next(n for n in g.nodes if n.op_type == "DequantizeLinear")
     attrs = {a.name: a.i for a in dq.attribute}
@@ -136,19 +141,28 @@ def test_spec_errors():
         QuantSpec("int3").check(17)
     with pytest.raises(SpectrtError, match="needs --opset 21"):
         QuantSpec("int4", 32, "qdq").check(20)
-    with pytest.raises(SpectrtError, match="--quantize-lm-head needs"):
+    with pytest.raises(SpectrtError, match="--quantize-lm-head/--quantize-embeddings/--scheme/--awq need"):
         QuantSpec("float", lm_head=True).check(17)
+    with pytest.raises(SpectrtError, match="--quantize-embeddings needs --weights-format matmulnbits"):
+        QuantSpec("int4", 32, "qdq", embeddings=True).check(21)
+    with pytest.raises(SpectrtError, match="not one"):
+        QuantSpec("int4", scheme="gguf").check(17, gguf_source=False)
+    with pytest.raises(SpectrtError, match="GGUF blocks hold 32 values"):
+        QuantSpec("int4", 64, scheme="gguf").check(17, gguf_source=True)
+    with pytest.raises(SpectrtError, match="--scheme awq"):
+        QuantSpec("int4", scheme="awq").check(17)
     QuantSpec("int8", 64, "qdq").check(21)
-    assert QuantSpec().info() is None
-    assert QuantSpec("int4", 32, "matmulnbits").info().accuracy_level == ACCURACY_LEVEL
+    assert QuantSpec().info("symmetric") is None
+    assert QuantSpec("int4", 32, "matmulnbits").info("asymmetric").accuracy_level == ACCURACY_LEVEL
 
 
 # ----------------------------------------------------------------------------- tiny exports
 
 VARIANTS = {
-    "int4-matmulnbits": dict(weights="int4", quantize_lm_head=True),  # LM head: a 2-D row-padded MatMulNBits
-    "int4-qdq": dict(weights="int4", weights_format="qdq", quantize_lm_head=True),
-    "int8-matmulnbits-head-b128": dict(weights="int8", block=128, quantize_lm_head=True),  # K=64 < 128: partial
+    "int4-matmulnbits": dict(weights="int4", quantize_lm_head=True),  # auto: asymmetric; LM head int8, 2-D
+    "int4-qdq": dict(weights="int4", weights_format="qdq", quantize_lm_head=True),  # the same tensors in qdq form
+    "int8-matmulnbits-head-b128": dict(weights="int8", block=128, quantize_lm_head=True, scheme="symmetric"),
+    "int4-embeddings": dict(weights="int4", quantize_embeddings=True),  # tied: one GatherBlockQuantized table
 }
 
 
@@ -168,9 +182,13 @@ def quant_exports(tiny_models, tmp_path_factory):
 def test_manifest_records_weights(quant_exports):
     assert load_artifact(quant_exports["float"]).manifest.weights is None
     m = load_artifact(quant_exports["int4-qdq"]).manifest
-    assert m.weights == WeightsInfo("int4", 32, "qdq", True, "symmetric-rtn", None, False) and m.opset == 21
+    assert m.weights == WeightsInfo("int4", 32, "qdq", True, "asymmetric-rtn", None, False) and m.opset == 21
+    assert load_artifact(quant_exports["int4-matmulnbits"]).manifest.weights.scheme == "asymmetric-rtn"
+    w = load_artifact(quant_exports["int4-embeddings"]).manifest.weights
+    assert w.embeddings and w.lm_head and w.scheme == "asymmetric-rtn"
     m = load_artifact(quant_exports["int8-matmulnbits-head-b128"]).manifest
     assert (m.weights.kind, m.weights.block, m.weights.format, m.weights.lm_head) == ("int8", 128, "matmulnbits", True)
+    assert m.weights.scheme == "symmetric-rtn"  # K = 64 < 128: one partial block
     assert m.weights.accuracy_level == ACCURACY_LEVEL and m.opset == 17
     assert all(row.ok for row in m.validation) and m.validation  # contract tolerances, exact kernels
     data = json.loads((quant_exports["int4-matmulnbits"] / "manifest.json").read_text())
@@ -194,6 +212,23 @@ def test_graph_forms_and_bytes(quant_exports):
     assert load_artifact(quant_exports["int4-matmulnbits"]).manifest.weights.row_pad
     size = {n: load_artifact(p).graph("base").bytes for n, p in quant_exports.items()}
     assert size["int4-matmulnbits"] < size["float"] and size["int4-qdq"] < size["float"]
+    assert size["int4-embeddings"] < size["int4-matmulnbits"]
+
+
+def test_quantized_embeddings_share_the_tied_table(quant_exports):
+    """--quantize-embeddings on a tied model: GatherBlockQuantized and the LM head's MatMulNBits read one
+    packed initializer, no float table is left, and the rows it gathers are the torch model's (validated
+    on export) -- the asymmetric projections carry their offset MatMul."""
+    import onnx
+
+    m = onnx.load(str(quant_exports["int4-embeddings"] / "base.onnx"), load_external_data=False)
+    gather = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and n.name == "lm_head")
+    assert gather.input[0] == head.input[1]
+    assert not any(n.op_type == "Gather" and n.input[0] == "embed_tokens" for n in m.graph.node)
+    assert not any(i.name == "embed_tokens" for i in m.graph.initializer)
+    assert any(n.name.endswith(".offset") for n in m.graph.node)
+    assert all(row.ok for row in load_artifact(quant_exports["int4-embeddings"]).manifest.validation)
 
 
 def _greedy(path, prompt, n=24):
@@ -222,7 +257,7 @@ def test_speculative_equals_ar_on_quantized(quant_exports):
     from spectrt.runtime.lookup import LookupDrafter
     from spectrt.runtime.ort_runner import OrtBaseRunner
 
-    for name in ("int4-matmulnbits", "int8-matmulnbits-head-b128"):
+    for name in ("int4-matmulnbits", "int8-matmulnbits-head-b128", "int4-embeddings"):
         art = load_artifact(quant_exports[name])
         drafter = LookupDrafter()
         with OrtBaseRunner(art, max_q=max(16, drafter.max_nodes)) as base:
@@ -250,7 +285,9 @@ def test_check_and_build_know_the_formats(quant_exports):
 
 @pytest.mark.parametrize("args,message", [
     (["--weights", "int4", "--weights-format", "qdq", "--opset", "20"], "needs --opset 21"),
-    (["--quantize-lm-head"], "--quantize-lm-head needs --weights int8 or int4"),
+    (["--quantize-lm-head"], "--quantize-lm-head/--quantize-embeddings/--scheme/--awq need --weights int8 or int4"),
+    (["--weights", "int4", "--scheme", "gguf"], "--scheme gguf takes the blocks of a .gguf source"),
+    (["--weights", "int4", "--weights-format", "qdq", "--quantize-embeddings"], "needs --weights-format matmulnbits"),
     (["--block", "48"], "'48' is not one of '32', '64', '128'"),
     (["--weights", "int3"], "'int3' is not one of 'float', 'int8', 'int4'"),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from spectrt.commands._common import IntRange, command
+from spectrt.runtime.artifact import DEFAULT_WEIGHT_BLOCK, QUANT_SCHEMES, WEIGHT_BLOCKS
 from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK
 
 
@@ -33,30 +34,41 @@ from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT
 @click.option("--full-vocab", is_flag=True,
               help="no VocabTrim (built-in models otherwise get their bundled ranking and default N)")
 @click.option("--weights", type=click.Choice(["float", "int8", "int4"]), default="float",
-              help="weight-only quantization of base.onnx's MatMul weights (symmetric, block-wise, round-to-nearest; "
-                   "embeddings stay float)")
-@click.option("--block", type=click.Choice(["32", "64", "128"]), default="32",
+              help="weight-only quantization of base.onnx's projection weights (block-wise; see --scheme)")
+@click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default=QUANT_SCHEMES[0],
+              help="symmetric / asymmetric round-to-nearest blocks, or a GGUF source's own Q4_0/Q4_1/Q8_0 blocks "
+                   "(no float round trip); auto: gguf when the source's blocks fit --weights, else asymmetric")
+@click.option("--block", type=click.Choice([str(b) for b in WEIGHT_BLOCKS]), default=str(DEFAULT_WEIGHT_BLOCK),
               help="input rows per quantization scale (--weights int8/int4)")
 @click.option("--weights-format", type=click.Choice(["matmulnbits", "qdq"]), default="matmulnbits",
               help="matmulnbits: ONNX Runtime's MatMulNBits (ORT only, any opset); qdq: DequantizeLinear -> MatMul "
                    "(opset 21) for TensorRT explicit quantization, which ONNX Runtime also runs at low-bit speed")
 @click.option("--quantize-lm-head", is_flag=True,
-              help="quantize the LM head too (a tied head gets its own quantized copy; the embeddings stay float)")
+              help="quantize the LM head to 8-bit blocks too (a tied head alone gets its own copy)")
+@click.option("--quantize-embeddings", is_flag=True,
+              help="8-bit block-quantized input embeddings (ORT's GatherBlockQuantized; a tied LM head shares the "
+                   "table; not with Hydra heads)")
+@click.option("--awq", is_flag=True,
+              help="activation-aware scales (AWQ) chosen on calibration prompts before rounding (--scheme symmetric "
+                   "or asymmetric)")
+@click.option("--calibration-prompts", default=None, metavar="FILE", show_default="the bundled calibration set",
+              help="JSONL prompts for --awq (never benchmark text)")
 @click.option("--int4-row-pad/--no-int4-row-pad", "row_pad", default=True,
               help="int4 matmulnbits: feed ORT's int4 kernel at least 2 rows, so decode (q = 1) and tree verification "
                    "compute the same numbers and speculative output stays AR's; off is faster but may differ at "
                    "near-ties")
-def command(model, output, dtype, opset, max_context, validate, heads, no_heads, topk, tree, vocab, vocab_size,
-            full_vocab, weights, block, weights_format, quantize_lm_head, row_pad) -> int:
+def command(model, output, block, calibration_prompts, **options) -> int:
     """Export MODEL to DIR: base.onnx (+ heads.onnx, draft_lm_head.onnx), the tokenizer and manifest.json,
     validated against transformers unless --no-validate."""
+    from spectrt.calibration.awq import awq_calibrator
+    from spectrt.calibration.prompts import CALIBRATION_PROMPTS, load_prompts
     from spectrt.calibration.vocab import default_vocab
     from spectrt.export.exporter import ExportOptions, export_model
 
-    options = ExportOptions(dtype=dtype, opset=opset, max_context=max_context, validate=validate, heads=heads,
-                            no_heads=no_heads, topk=topk, tree=tree, vocab=vocab, vocab_size=vocab_size,
-                            full_vocab=full_vocab, calibrate_vocab=default_vocab, weights=weights, block=int(block),
-                            weights_format=weights_format, quantize_lm_head=quantize_lm_head, row_pad=row_pad)
+    if calibration_prompts and not options["awq"]:
+        raise click.UsageError("--calibration-prompts is for --awq")
+    weights = awq_calibrator(load_prompts(calibration_prompts or CALIBRATION_PROMPTS)) if options["awq"] else None
+    options = ExportOptions(block=int(block), calibrate_vocab=default_vocab, calibrate_weights=weights, **options)
     out = export_model(model, output, options)
     print(f"exported to {out}")
     return 0

@@ -1,0 +1,117 @@
+"""Quantized exports side by side with ONNX Runtime GenAI, one process, runs interleaved per prompt.
+
+Usage: python docs/results/quant_compare.py OGA_MODEL_DIR EXPORT_DIR [EXPORT_DIR ...]
+       [--prompts FILE] [--stride K] [--limit N] [-n TOKENS] [--threads T] [--json OUT]
+
+Every engine decodes the same token ids (each export's chat template applied by spectrt) greedily for at
+most N new tokens. Per export: AR and speculative decoding (its default drafter; output checked equal
+to its own AR output), base graph bytes; for ONNX Runtime GenAI: its own greedy loop (``og.Generator``)
+with ``intra_op_num_threads`` set to the same T. Decode tok/s counts tokens after the first (the first
+comes from prefill) over the time after prefill, for every engine alike. A benchmark: prints, asserts nothing.
+The ORT GenAI model: ``python -m onnxruntime_genai.models.builder -m HF_DIR -i HF_DIR -o OUT -p int4 -e cpu``.
+"""
+import argparse
+import json
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import onnxruntime_genai as og
+
+from spectrt.runtime.artifact import load_artifact
+from spectrt.runtime.generate import Decoder
+from spectrt.runtime.session import SessionConfig, SpecSession
+
+
+def oga_model(path: str, threads: int):
+    cfg = og.Config(path)
+    cfg.clear_providers()
+    model_cfg = json.loads((Path(path) / "genai_config.json").read_text())
+    if model_cfg["model"]["decoder"]["session_options"].get("intra_op_num_threads") != threads:
+        model_cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+        (Path(path) / "genai_config.json").write_text(json.dumps(model_cfg, indent=4))
+        cfg = og.Config(path)
+        cfg.clear_providers()
+    return og.Model(cfg)
+
+
+def oga_generate(model, ids, n):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)  # prefill
+    gen.generate_next_token()  # first new token: from prefill's logits
+    t = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+    dt = time.perf_counter() - t
+    out = list(gen.get_sequence(0))[len(ids):]
+    return out, dt
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("oga")
+    ap.add_argument("exports", nargs="+")
+    ap.add_argument("--prompts", default="../shared/data/spec_bench_dev.jsonl")
+    ap.add_argument("--stride", type=int, default=60)
+    ap.add_argument("--limit", type=int, default=4)
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    recs = [json.loads(line) for line in open(a.prompts)][::a.stride][:a.limit]
+    prompts = [r["turns"][0] if "turns" in r else r["prompt"] for r in recs]
+    cfg = SessionConfig(mode="spec", threads=a.threads)
+    rows = {}
+    with ExitStack() as st:
+        sessions = {d: st.enter_context(SpecSession(d, cfg)) for d in a.exports}
+        decs = {}
+        for d, s in sessions.items():
+            decs[(d, "ar")] = Decoder(s.base, None, s.codec.eos_ids, cfg.prefill_chunk)
+            decs[(d, "spec")] = s.decoder
+        model = oga_model(a.oga, a.threads)
+        first = next(iter(sessions.values()))
+        warm = first.codec.encode("Hello!")
+        for dec in decs.values():
+            dec.generate(warm, 8)
+        oga_generate(model, warm, 8)
+        for p in prompts:
+            ids = first.codec.encode(p)
+            ar_out = {}
+            for (d, mode), dec in decs.items():
+                r = dec.generate(ids, a.n)
+                row = rows.setdefault(f"{Path(d).name}:{mode}", {"tokens": 0, "s": 0.0, "steps": 0, "mismatch": 0, "rechecks": 0})
+                row["rechecks"] += r.rechecks
+                row["tokens"] += len(r.tokens) - 1
+                row["s"] += r.decode_s
+                row["steps"] += r.steps
+                if mode == "ar":
+                    ar_out[d] = r.tokens
+                else:
+                    row["mismatch"] += r.tokens != ar_out[d]
+            toks, dt = oga_generate(model, ids, a.n)
+            row = rows.setdefault("onnxruntime-genai:ar", {"tokens": 0, "s": 0.0, "steps": 0, "mismatch": 0})
+            row["tokens"] += len(toks) - 1
+            row["s"] += dt
+            row["steps"] += len(toks) - 1
+    oga = rows["onnxruntime-genai:ar"]
+    oga_rate = oga["tokens"] / oga["s"]
+    mb = {Path(d).name: load_artifact(d).graph("base").bytes / 1e6 for d in a.exports}
+    oga_mb = sum(f.stat().st_size for f in Path(a.oga).glob("model.onnx*")) / 1e6
+    print(f"{len(prompts)} prompts x {a.n} tokens, {a.threads} threads, greedy")
+    print(f"{'engine:mode':<34}{'base MB':>9}{'tok/s':>8}{'tau':>7}{'vs ORT GenAI':>14}{'spec != AR':>12}{'rechecks':>10}")
+    for name, r in rows.items():
+        rate = r["tokens"] / r["s"]
+        size = mb.get(name.split(":")[0], oga_mb)
+        print(f"{name:<34}{size:>9.1f}{rate:>8.2f}{r['tokens'] / r['steps']:>7.2f}{rate / oga_rate:>13.2f}x"
+              f"{r['mismatch'] if name.endswith(':spec') else '':>12}{r.get('rechecks', '') if name.endswith(':spec') else '':>10}")
+        r.update(tok_s=round(rate, 2), tau=round(r["tokens"] / r["steps"], 3), base_mb=round(size, 1),
+                 vs_onnxruntime_genai=round(rate / oga_rate, 3))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"prompts": len(prompts), "new_tokens": a.n, "threads": a.threads,
+                                            "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

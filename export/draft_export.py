@@ -54,6 +54,7 @@ def validate_medusa(artifact, model, heads_path: str, prompt_ids: list[int], tri
         if kept is not None:
             logits = logits[..., kept]
         ref_scores, ref_ids = logits.topk(artifact.draft.topk, dim=-1)
+        ref_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ref_ids)
         if kept is not None:
             ref_ids = kept[ref_ids]
     dtype = artifact.dtype
@@ -62,11 +63,13 @@ def validate_medusa(artifact, model, heads_path: str, prompt_ids: list[int], tri
         f = h(hidden_states=hidden.numpy().astype(dtype))["head_features"]
         out = d(head_features=f)
         f_atol = dtype_atol(HEADS.outputs[0], dtype)
-        s_atol = dtype_atol(DRAFT_LM_HEAD.outputs[1], dtype)
+        _, scores_spec, logprobs_spec = DRAFT_LM_HEAD.outputs
         same_top1 = bool((out["topk_ids"][..., 0] == ref_ids[..., 0].numpy()).all())
         checks = [Check("heads features", float(np.abs(f - feats.numpy()).max()), f_atol),
-                  Check("draft top-k scores", float(np.abs(out["topk_scores"] - ref_scores.numpy()).max()), s_atol,
-                        same_top1)]
+                  Check("draft top-k scores", float(np.abs(out["topk_scores"] - ref_scores.numpy()).max()),
+                        dtype_atol(scores_spec, dtype), same_top1),
+                  Check("draft top-k log-probs", float(np.abs(out["topk_logprobs"] - ref_logprobs.numpy()).max()),
+                        dtype_atol(logprobs_spec, dtype), same_top1)]
     failed = [c for c in checks if not c.ok]
     if failed:
         raise SpectrtError(f"validation failed: {failed[0].name}: max |delta| {failed[0].max_abs:.2e}")

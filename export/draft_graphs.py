@@ -1,4 +1,5 @@
-"""Draft graphs: Medusa heads (hidden -> per-head features) and the draft LM head (features -> top-k ids).
+"""Draft graphs: Medusa heads (hidden -> per-head features) and the draft LM head (features -> top-k ids,
+logits and log-probabilities).
 
 Weights come in the public Medusa key format: ``{h}.{l}.linear.weight/bias`` for the ResBlocks and, for
 per-head LM heads (v1), ``{h}.{L}.weight``. The draft LM head may be restricted to a kept-token table
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from spectrt.export.families import DecoderDims
-from spectrt.export.onnx_graph import GraphBuilder
+from spectrt.export.onnx_graph import ONNX_DTYPES, GraphBuilder
 from spectrt.export.vocabtrim import VocabTrim
 from spectrt.runtime.artifact import VocabTrimInfo
 from spectrt.runtime.contract import DRAFT_LM_HEAD, HEADS
@@ -90,8 +91,12 @@ def build_draft_lm_head_graph(lm_weight: np.ndarray, num_heads: int, topk: int, 
         gemm = (flat, w) if bias is None else (flat, w, g.weight("lm_head.bias", bias))
         logits = g.op("Reshape", g.op("Gemm", *gemm, transB=1), shape)  # [B, K, N]
     scores, idx = g.op("TopK", logits, g.const([topk]), axis=-1, largest=1, sorted=1, outputs=2)
+    logits32 = g.op("Cast", logits, to=ONNX_DTYPES["float32"]) if dtype != "float32" else logits
+    logprobs = g.op("GatherElements", g.op("LogSoftmax", logits32, axis=-1), idx, axis=-1)  # [B, K, topk] fp32
     if kept_ids is not None:
         idx = g.op("Gather", g.const(np.asarray(kept_ids, np.int64)), idx, axis=0)  # trimmed -> full ids
-    g.add_output(DRAFT_LM_HEAD.outputs[0], dims, idx)
-    g.add_output(DRAFT_LM_HEAD.outputs[1], dims, scores)
+    ids_spec, scores_spec, logprobs_spec = DRAFT_LM_HEAD.outputs
+    g.add_output(ids_spec, dims, idx)
+    g.add_output(scores_spec, dims, scores)
+    g.add_output(logprobs_spec, dims, logprobs)
     return g.model(producer)

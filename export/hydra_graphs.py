@@ -183,7 +183,8 @@ def validate_hydra(artifact, model, heads_path: str, prompt_ids: list[int], trim
     kept = torch.as_tensor(trim.kept_ids) if trim is not None else None
     lm_w = model.get_output_embeddings().weight.detach().float() if c.shared_lm_head else None
     f_atol = dtype_atol(HYDRA_HEAD.outputs[0], dtype)
-    s_atol = dtype_atol(DRAFT_LM_HEAD.outputs[1], dtype)
+    _, scores_spec, logprobs_spec = DRAFT_LM_HEAD.outputs
+    s_atol, lp_atol = dtype_atol(scores_spec, dtype), dtype_atol(logprobs_spec, dtype)
     for i in range(c.num_heads):
         path_ids = rng.integers(0, ref_table.shape[0], (n, i + 1))
         pe = torch.as_tensor(ref_table[path_ids])  # [n, i + 1, H]
@@ -193,6 +194,7 @@ def validate_hydra(artifact, model, heads_path: str, prompt_ids: list[int], trim
             if kept is not None:
                 logits = logits[..., kept]
             ref_scores, ref_ids = logits.topk(topk, dim=-1)
+            ref_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ref_ids)
             if kept is not None:
                 ref_ids = kept[ref_ids]
         lm_name = "draft_lm_head" if c.shared_lm_head else f"hydra_lm_head.{i}"
@@ -203,6 +205,8 @@ def validate_hydra(artifact, model, heads_path: str, prompt_ids: list[int], trim
             same = bool((out["topk_ids"][:, 0, 0] == ref_ids[:, 0].numpy()).all())
             checks.append(Check(f"hydra head {i} top-k scores",
                                 float(np.abs(out["topk_scores"][:, 0] - ref_scores.numpy()).max()), s_atol, same))
+            checks.append(Check(f"hydra head {i} top-k log-probs",
+                                float(np.abs(out["topk_logprobs"][:, 0] - ref_logprobs.numpy()).max()), lp_atol, same))
     failed = [ch for ch in checks if not ch.ok]
     if failed:
         raise SpectrtError(f"validation failed: {failed[0].name}: max |delta| {failed[0].max_abs:.2e} "

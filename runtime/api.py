@@ -399,7 +399,7 @@ def load(artifact_dir, *, name: str | None = None, **config) -> Model:
     """Load an export (the output of `spectrt export`) for generation.
 
     ``config``: the :class:`~spectrt.runtime.session.SessionConfig` fields, e.g. ``backend="trt"``,
-    ``profile="orin-nano"``, ``provider``, ``threads``, ``max_context``, ``mode="ar"``, ``draft``, ``tree``,
+    ``profile="orin-nano"``, ``provider``, ``threads``, ``max_context``, ``mode="ar"``, ``draft``, ``tree`` (or ``tree="dynamic"`` with ``tree_nodes``),
     ``verify=True``. ``name``: the model id the server reports (default: the directory's name).
     """
     unknown = sorted(set(config) - set(CONFIG_FIELDS))

@@ -24,6 +24,9 @@ host. Rolling back is moving the integer ``past``.
 Tree mask: ``tree_mask[b, i, j]`` is true when new token i may attend to new token j (a node sees its
 ancestors and itself). The past is always fully visible, so no ``[q, past + q]`` mask is shipped.
 Positions of tree nodes are ``past + depth``.
+
+Optional outputs were added within a contract version: runners bind them when a graph has them, and what
+needs one refuses an export without it (dynamic trees need the draft LM head's ``topk_logprobs``).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class TensorSpec:
     dtype: str  # "int64" | "bool" | "model" | "float32"
     doc: str = ""
     atol: float | None = None  # fp32 validation tolerance for outputs (None: exact / not compared)
+    optional: bool = False  # an output added after v1.0: graphs exported before it lack it (runners skip it)
 
     def resolve(self, dims: dict, dtype: str) -> tuple[tuple, str]:
         """Shape with fixed dims filled in from ``dims`` (dynamic names kept), concrete dtype."""
@@ -81,7 +85,14 @@ class GraphSpec:
 
 
 def layer_spec(spec: TensorSpec, layer: int) -> TensorSpec:
-    return TensorSpec(spec.name.format(layer=layer), spec.shape, spec.dtype, spec.doc, spec.atol)
+    return TensorSpec(spec.name.format(layer=layer), spec.shape, spec.dtype, spec.doc, spec.atol, spec.optional)
+
+
+def io_mismatch(specs, names) -> tuple[list[str], list[str]]:
+    """(missing, extra): contract tensors a graph lacks (optional outputs may be absent) and names it has that
+    the contract does not know; both empty when the graph's ``names`` fit ``specs``."""
+    names, known = set(names), {s.name for s in specs}
+    return sorted(s.name for s in specs if not s.optional and s.name not in names), sorted(names - known)
 
 
 KV_SHAPE_PAST = ("past", "batch", "kv_heads", "head_dim")
@@ -119,13 +130,17 @@ HEADS = GraphSpec(
     dynamic=("batch",),
 )
 
-# Draft LM head (possibly VocabTrim-ed): features -> per-head top-k full-vocabulary ids and scores.
+# Draft LM head (possibly VocabTrim-ed): features -> per-head top-k full-vocabulary ids, their logits and
+# their log-probabilities (log-softmax over the head's rows, computed in fp32: what dynamic trees rank by).
 DRAFT_LM_HEAD = GraphSpec(
     name="draft_lm_head",
     inputs=(TensorSpec("head_features", ("batch", "heads", "hidden"), MODEL_DTYPE, "per-head features"),),
     outputs=(
         TensorSpec("topk_ids", ("batch", "heads", "topk"), "int64", "full-vocabulary ids, best first"),
         TensorSpec("topk_scores", ("batch", "heads", "topk"), MODEL_DTYPE, "logits of those ids", atol=1e-3),
+        TensorSpec("topk_logprobs", ("batch", "heads", "topk"), "float32",
+                   "log-softmax of those ids over the head's (kept) rows; optional: exports made before dynamic "
+                   "trees lack it", atol=1e-3, optional=True),
     ),
     dynamic=("batch",),
     files="`draft_lm_head.onnx` (Medusa; Hydra heads sharing the base LM head), or `hydra_lm_head.{i}.onnx` "

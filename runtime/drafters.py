@@ -1,9 +1,10 @@
 """Drafters propose a token tree once per step: ``draft(root, hidden, budget) -> Draft(tokens, tree)``.
 
 Medusa: one heads call and one draft-LM-head call on the last accepted hidden state; node n of its static
-tree takes rank ``rank[n]`` of head ``depth[n] - 1``. Hydra (sequential heads) lives in ``runtime.hydra``,
-context drafting ("prompt lookup", no weights) in ``runtime.lookup``. ``MergedDrafter`` composes drafters:
-their trees merged into one token tree under one node budget.
+tree takes rank ``rank[n]`` of head ``depth[n] - 1``; a dynamic tree is chosen each step from those calls'
+probabilities. Hydra (sequential heads) lives in ``runtime.hydra``, context drafting ("prompt lookup", no
+weights) in ``runtime.lookup``. ``MergedDrafter`` composes drafters: their trees merged into one token tree
+under one node budget.
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from spectrt.runtime.artifact import Artifact
+from spectrt.runtime.artifact import Artifact, DraftInfo
 from spectrt.runtime.errors import ArtifactError, SpectrtError
-from spectrt.runtime.hydra import HydraDrafter
+from spectrt.runtime.hydra import DynamicHydraDrafter, HydraDrafter
 from spectrt.runtime.lookup import LookupDrafter
 from spectrt.runtime.protocols import Runners
-from spectrt.runtime.tree import ROOT_ONLY, Draft, StaticTreeDrafter, Tree
+from spectrt.runtime.tree import LOGPROBS, ROOT_ONLY, TREE_DYNAMIC, Draft, DynamicTree, StaticTreeDrafter, Tree
 
 
 class RootOnly(StaticTreeDrafter):
@@ -36,7 +37,7 @@ class MedusaDrafter(StaticTreeDrafter):
         if draft is None or draft.kind != "medusa":
             raise ArtifactError(f"{artifact.root}: not a Medusa export")
         tree.check_drafter(draft.num_heads, draft.topk)
-        self.tree = tree
+        self.tree, self.root = tree, artifact.root
         self.heads = runners.graph("heads", 1)
         self.lm_head = runners.graph("draft_lm_head", 1)
 
@@ -51,13 +52,45 @@ class MedusaDrafter(StaticTreeDrafter):
         return False
 
     def fill(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:
-        tokens = np.empty(tree.size, np.int64)  # [q]
-        tokens[0] = root
-        if tree.size > 1:
-            feats = self.heads(hidden_states=hidden[None])["head_features"]  # [1, K, H]
-            top = self.lm_head(head_features=feats)["topk_ids"][0]  # [K, topk]
-            tokens[1:] = top[tree.depth[1:] - 1, tree.rank[1:]]
-        return tokens
+        if tree.size == 1:
+            return np.array([root], np.int64)
+        return tokens_of(root, self._top(hidden)["topk_ids"][0], tree)  # [q]
+
+    def _top(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        """The draft LM head's outputs for the heads on ``hidden`` [H]: each [1, K, topk]."""
+        return self.lm_head(head_features=self.heads(hidden_states=hidden[None])["head_features"])
+
+
+def tokens_of(root: int, top: np.ndarray, tree: Tree) -> np.ndarray:
+    """Tokens [q] of a rank tree: node n takes rank ``rank[n]`` of head ``depth[n] - 1`` in ``top`` [K, topk]."""
+    tokens = np.empty(tree.size, np.int64)  # [q]
+    tokens[0] = root
+    tokens[1:] = top[tree.depth[1:] - 1, tree.rank[1:]]
+    return tokens
+
+
+class DynamicMedusaDrafter(MedusaDrafter):
+    """Medusa on a dynamic tree: each step the ``budget`` nodes of highest joint probability, a path's being
+    the product of its ranks' probabilities under their heads (heads are independent per depth)."""
+
+    tree: DynamicTree  # type: ignore[assignment]
+
+    def __enter__(self):
+        super().__enter__()
+        try:
+            self.tree.check_lm_heads(self.root, [self.lm_head])
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
+        n = min(budget, self.tree.size)
+        if n < 2:
+            return Draft(np.array([root], np.int64), ROOT_ONLY)
+        top = self._top(hidden)
+        tree = Tree.from_accuracy(np.exp(top[LOGPROBS][0]).tolist(), n)  # [K][topk] probabilities
+        return Draft(tokens_of(root, top["topk_ids"][0], tree), tree)
 
 
 class MergedDrafter:
@@ -118,17 +151,30 @@ class MergedDrafter:
 
 
 DRAFTERS = {"medusa": MedusaDrafter, "hydra": HydraDrafter}
+DYNAMIC_DRAFTERS = {"medusa": DynamicMedusaDrafter, "hydra": DynamicHydraDrafter}
 DRAFT_SOURCES = ("heads", "lookup", "heads+lookup")  # what `--draft` takes
 
 
-def heads_drafter(artifact: Artifact, tree: Tree, runners: Runners):
-    """The export's draft-head drafter (the manifest's ``draft.kind``) on the given runners."""
+def heads_tree(draft: DraftInfo, tree: str | None = None, nodes: int | None = None) -> Tree | DynamicTree:
+    """The heads' tree: the export's static tree (``tree`` None), a tree JSON, or ``tree="dynamic"``: a tree
+    grown each step under ``nodes`` nodes (root included; default: the export's node budget)."""
+    if tree == TREE_DYNAMIC:
+        return DynamicTree(nodes or draft.node_budget)
+    if nodes is not None:
+        raise SpectrtError(f"a node budget ({nodes}) is for dynamic trees (tree '{TREE_DYNAMIC}'); a static tree's "
+                           "size is its own")
+    return Tree.load(tree) if tree else Tree.from_paths(draft.tree)
+
+
+def heads_drafter(artifact: Artifact, tree: Tree | DynamicTree, runners: Runners):
+    """The export's draft-head drafter (the manifest's ``draft.kind``) on the given runners and tree."""
     if artifact.draft is None:
         raise ArtifactError(f"{artifact.root}: no draft heads in this export")
-    return DRAFTERS[artifact.draft.kind](artifact, tree, runners)
+    kinds = DYNAMIC_DRAFTERS if isinstance(tree, DynamicTree) else DRAFTERS
+    return kinds[artifact.draft.kind](artifact, tree, runners)
 
 
-def drafter_for(artifact: Artifact, tree: Tree | None, runners: Runners, draft: str = "heads"):
+def drafter_for(artifact: Artifact, tree: Tree | DynamicTree | None, runners: Runners, draft: str = "heads"):
     """``draft``: "heads" (the export's heads on ``tree``), "lookup" (context drafting, no weights) or
     "heads+lookup" (the lookup chain first, then the heads' tree, merged)."""
     if draft not in DRAFT_SOURCES:

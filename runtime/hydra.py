@@ -5,6 +5,10 @@ call of ``hydra_head.{d-1}`` + its LM head drafts all of them at once: each fron
 context state and the input embeddings of its path root..node; its children take the top-k ranks the tree
 asks for. The decoder then verifies, accepts and commits as for any drafter.
 
+On a dynamic tree (EAGLE-2) the depth-d call expands the ``beam`` new nodes of highest joint probability
+(product of the top-k probabilities along the path) among those that can still make the budget; each gets
+its top-k children, and the ``budget - 1`` most likely drafted nodes are kept.
+
 Input embeddings come from the base graph's own ``embed_tokens`` initializer through a read-only
 ``np.memmap`` of ``base.onnx.data``: no second copy of the vocabulary table, only touched rows are paged in.
 Hydra++ (arch ``prefix-mlp``) keeps ``hydra_prefix.onnx``'s KV cache in step with the base: ``observe`` runs
@@ -20,7 +24,7 @@ import numpy as np
 from spectrt.runtime.artifact import Artifact, EmbeddingRef
 from spectrt.runtime.errors import ArtifactError, SpectrtError
 from spectrt.runtime.protocols import Runners
-from spectrt.runtime.tree import StaticTreeDrafter, Tree
+from spectrt.runtime.tree import LOGPROBS, ROOT_ONLY, Draft, DynamicTree, StaticTreeDrafter, Tree, best_nodes, subtree
 
 PREFIX_MAX_Q = 64  # prefix-layer tokens per call; longer observations are split
 
@@ -88,9 +92,8 @@ class HydraDrafter(StaticTreeDrafter):
         tree.check_drafter(draft.num_heads, draft.topk)
         self.hidden = artifact.model.hidden
         self.embed = EmbeddingTable.of(artifact)
-        self.tree, self._plans = tree, {}
-        plan = self._plan(tree)
-        fronts = [max(1, len(p.front)) for p in plan]
+        self.tree, self.root, self.topk, self._plans = tree, artifact.root, draft.topk, {}
+        fronts = self._fronts(tree, draft.num_heads)
         self.heads = [runners.graph(f"hydra_head.{i}", f) for i, f in enumerate(fronts)]
         if draft.shared_lm_head:
             shared = runners.graph("draft_lm_head", max(fronts, default=1))
@@ -102,6 +105,10 @@ class HydraDrafter(StaticTreeDrafter):
         if self.prefix is not None:
             self._runners.append(self.prefix)
         self.ctx = None
+
+    def _fronts(self, tree: Tree, num_heads: int) -> list[int]:
+        """The most frontier nodes per depth (one head per depth): the batch each head's runner takes."""
+        return [max(1, len(p.front)) for p in self._plan(tree)]
 
     def _plan(self, tree: Tree) -> list[_Depth]:
         key = tree.paths
@@ -136,21 +143,27 @@ class HydraDrafter(StaticTreeDrafter):
         tokens[0] = root
         if tree.size == 1:
             return tokens
-        if self.prefix is not None:
-            if self.ctx is None:
-                raise SpectrtError("hydra++ drafter: draft() before any observe() (no prefix-layer state)")
-            ctx = self.ctx
-        else:
-            ctx = hidden
+        ctx = self._context(hidden)
         node_emb = np.empty((tree.size, self.hidden), self.embed.dtype)
         for d, step in enumerate(self._plan(tree)):
             node_emb[step.front] = self.embed(tokens[step.front])  # depth-d nodes: earlier ones already there
-            f = len(step.front)
-            context = np.ascontiguousarray(np.broadcast_to(ctx.astype(self.embed.dtype, copy=False), (f, self.hidden)))
-            feats = self.heads[d](context=context, path_embeddings=node_emb[step.ancestors])["head_features"]
-            top = self.lm_heads[d](head_features=feats)["topk_ids"]  # [F, 1, topk]
+            top = self._top(d, ctx, node_emb[step.ancestors])["topk_ids"]  # [F, 1, topk]
             tokens[step.kids] = top[step.kid_row, 0, step.kid_rank]
         return tokens
+
+    def _context(self, hidden: np.ndarray) -> np.ndarray:
+        """The heads' context state [H]: the prefix layer's last state (Hydra++) or the base hidden state."""
+        if self.prefix is None:
+            return hidden.astype(self.embed.dtype, copy=False)
+        if self.ctx is None:
+            raise SpectrtError("hydra++ drafter: draft() before any observe() (no prefix-layer state)")
+        return self.ctx.astype(self.embed.dtype, copy=False)
+
+    def _top(self, d: int, ctx: np.ndarray, path_embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """Head ``d`` + its LM head on F frontier paths (``path_embeddings`` [F, d + 1, H]): outputs [F, 1, topk]."""
+        context = np.ascontiguousarray(np.broadcast_to(ctx, (len(path_embeddings), self.hidden)))
+        feats = self.heads[d](context=context, path_embeddings=path_embeddings)["head_features"]
+        return self.lm_heads[d](head_features=feats)
 
     def observe(self, hidden: np.ndarray, tokens: np.ndarray) -> None:
         """Hydra++: run the prefix layer over the committed tokens' base hidden states; keep the last state."""
@@ -168,4 +181,60 @@ class HydraDrafter(StaticTreeDrafter):
         self.ctx = out[c - 1].copy()
 
 
-__all__ = ["HydraDrafter", "EmbeddingTable", "draft_plan", "PREFIX_MAX_Q"]
+class DynamicHydraDrafter(HydraDrafter):
+    """Hydra on a dynamic tree (EAGLE-2): per depth one batched call expands the ``beam`` most likely new
+    nodes that can still make the budget; the budget's most likely nodes are kept (runtime.tree.best_nodes)."""
+
+    tree: DynamicTree  # type: ignore[assignment]
+
+    def _fronts(self, tree: DynamicTree, num_heads: int) -> list[int]:  # type: ignore[override]
+        depths = min(num_heads, tree.size - 1)  # a path of n - 1 nodes at most
+        return [1] + [min(tree.beam, tree.size - 1)] * (depths - 1) if depths > 0 else []
+
+    def __enter__(self):
+        super().__enter__()
+        try:
+            self.tree.check_lm_heads(self.root, self.lm_heads)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.beam = min([self.tree.beam] + [r.max_batch for r in self.heads[1:] + self.lm_heads[1:]])
+        return self
+
+    def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
+        n = min(budget, self.tree.size)
+        if n < 2 or not self.heads:
+            return Draft(np.array([root], np.int64), ROOT_ONLY)
+        ctx = self._context(hidden)
+        depths, beam, k = len(self.heads), self.beam, self.topk
+        cap = 1 + k + (depths - 1) * beam * k
+        tokens, parent = np.empty(cap, np.int64), np.full(cap, -1, np.int64)  # drafted nodes, parents first
+        logp = np.zeros(cap, np.float64)  # log joint probability of each node's path
+        emb = np.empty((cap, self.hidden), self.embed.dtype)  # input embeddings of expanded nodes
+        tokens[0], emb[0] = root, self.embed(root)
+        front, size = np.zeros(1, np.int64), 1  # [F] the nodes expanded at this depth
+        for d in range(depths):
+            anc = np.empty((len(front), d + 1), np.int64)  # [F, d + 1] path root..node of each frontier node
+            anc[:, d] = front
+            for j in range(d, 0, -1):
+                anc[:, j - 1] = parent[anc[:, j]]
+            out = self._top(d, ctx, emb[anc])
+            # [F, k]; log-probs clipped to <= 0, so values never grow down a path, even after rounding
+            ids, lp = out["topk_ids"][:, 0], np.minimum(out[LOGPROBS][:, 0], 0.0)
+            new = np.arange(size, size + ids.size)  # the F * k children, row by row
+            tokens[new], parent[new] = ids.ravel(), np.repeat(front, k)
+            logp[new] = (logp[front][:, None] + lp).ravel()
+            size += ids.size
+            if d + 1 == depths:
+                break
+            kept = best_nodes(logp[:size], n)  # a node outside the budget's best has no child inside it
+            cand = kept[kept >= new[0]]
+            front = cand[np.lexsort((cand, -logp[cand]))][:beam]  # [F'] most likely first
+            if not len(front):
+                break
+            emb[front] = self.embed(tokens[front])
+        keep = best_nodes(logp[:size], n)
+        return Draft(tokens[keep], subtree(parent[:size], keep))
+
+
+__all__ = ["HydraDrafter", "DynamicHydraDrafter", "EmbeddingTable", "draft_plan", "PREFIX_MAX_Q"]

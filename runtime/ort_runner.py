@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spectrt.runtime.artifact import Artifact
-from spectrt.runtime.contract import BASE, HYDRA_PREFIX, MODEL_DTYPE, graph_spec
+from spectrt.runtime.contract import BASE, HYDRA_PREFIX, MODEL_DTYPE, graph_spec, io_mismatch
 from spectrt.runtime.errors import ArtifactError, SpectrtError
 
 PROVIDERS = {
@@ -61,15 +61,18 @@ class SessionFromOnnx:
 
 
 def check_session(session, graph: str, dims: dict, dtype: str) -> None:
-    """The graph's inputs/outputs must be exactly the contract's (names, ranks, fixed dims, dtypes)."""
+    """The graph's inputs/outputs must be the contract's (names, ranks, fixed dims, dtypes; an optional output
+    may be absent)."""
     ins, outs = graph_spec(graph).expand(dims)
     for kind, specs, actual in (("input", ins, session.get_inputs()), ("output", outs, session.get_outputs())):
         got = {a.name: a for a in actual}
-        if set(got) != {s.name for s in specs}:
-            missing = sorted({s.name for s in specs} - set(got))[:3]
-            extra = sorted(set(got) - {s.name for s in specs})[:3]
-            raise ArtifactError(f"{graph}.onnx: {kind}s differ from the I/O contract (missing {missing}, extra {extra})")
+        missing, extra = io_mismatch(specs, got)
+        if missing or extra:
+            raise ArtifactError(f"{graph}.onnx: {kind}s differ from the I/O contract (missing {missing[:3]}, "
+                                f"extra {extra[:3]})")
         for s in specs:
+            if s.name not in got:
+                continue
             shape, dt = s.resolve(dims, dtype)
             a = got[s.name]
             if a.type != ORT_TYPES[dt] or len(a.shape) != len(shape) or any(
@@ -235,10 +238,16 @@ class OrtGraphRunner:
         check_session(self.session, self.graph, self.dims, self.artifact.dtype)
         self.binding = self.session.io_binding()
         self.outputs = {}
+        have = {o.name for o in self.session.get_outputs()}
         for s in self.spec.outputs:
-            shape, dt = s.resolve({**self.dims, "batch": self.max_batch}, self.artifact.dtype)
-            self.outputs[s.name] = np.zeros(shape, np.dtype(dt))
+            if s.name in have:  # an optional output older exports lack is not bound
+                shape, dt = s.resolve({**self.dims, "batch": self.max_batch}, self.artifact.dtype)
+                self.outputs[s.name] = np.zeros(shape, np.dtype(dt))
         return self
+
+    def has_output(self, name: str) -> bool:
+        """True when the graph has this output (inside ``with``; optional outputs may be absent)."""
+        return name in self.outputs
 
     def __exit__(self, *exc):
         self.session = self.binding = None

@@ -49,9 +49,14 @@ class PrefixRunner(KVRunner, Protocol):
 
 @runtime_checkable
 class GraphRunner(Protocol):
-    """A stateless graph (heads, draft LM heads): ``runner(**inputs) -> {output name: array}``."""
+    """A stateless graph (heads, draft LM heads): ``runner(**inputs) -> {output name: array}``, at most
+    ``max_batch`` rows per call; ``has_output`` (inside ``with``): whether the graph has an optional output."""
+
+    max_batch: int
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def has_output(self, name: str) -> bool: ...
 
     def __enter__(self): ...
 

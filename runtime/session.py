@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 from spectrt.runtime.artifact import Artifact, load_artifact
 from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
-from spectrt.runtime.drafters import DRAFT_SOURCES, drafter_for
+from spectrt.runtime.drafters import DRAFT_SOURCES, drafter_for, heads_tree
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder, GenerationResult
 from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, OrtBaseRunner, OrtGraphRunner, OrtPrefixRunner
 from spectrt.runtime import trt_runner
 from spectrt.runtime.sampling import GREEDY, SamplingConfig
 from spectrt.runtime.text import StreamPrinter, TextCodec
-from spectrt.runtime.tree import Tree
+from spectrt.runtime.tree import DynamicTree, Tree
 
 DEFAULT_MAX_NEW_TOKENS = 128
 MODES = ("spec", "ar")
@@ -28,7 +28,8 @@ class SessionConfig:
     max_context: int | None = None
     threads: int | None = None
     mode: str | None = None  # None: "spec" when the export has draft heads or a draft is asked for, else "ar"
-    tree: str | None = None  # tree JSON path; None: the export's default tree
+    tree: str | None = None  # tree JSON path, or "dynamic" (grown per step); None: the export's static tree
+    tree_nodes: int | None = None  # node budget of a dynamic tree (root included); None: the export's
     draft: str | None = None  # one of DRAFT_SOURCES; None: DEFAULT_DRAFT with draft heads, else "lookup"
     # (an export without heads decodes autoregressively unless mode="spec" or draft="lookup")
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
@@ -93,9 +94,9 @@ class SpecSession:
                                "--mode ar or export --heads")
         self.mode = mode
         self.runners = BACKENDS[c.backend](self.artifact, c)
-        self.tree = None  # the heads' static tree
+        self.tree: Tree | DynamicTree | None = None  # the heads' tree
         if mode == "spec" and heads:
-            self.tree = Tree.load(c.tree) if c.tree else Tree.from_paths(heads.tree)
+            self.tree = heads_tree(heads, c.tree, c.tree_nodes)
         self._stack = ExitStack()
 
     def __enter__(self):

@@ -5,6 +5,11 @@ base already chose) and one node per path: ``[0, 0]`` is "rank 0 of head 1 below
 nodes are ordered by depth. A per-step token tree (``Tree.from_parents``) is any parent array whose
 parents come before their children; a child's "rank" is then its place among its siblings. Either way an
 accepted root path has increasing node indices, and ``accept`` walks children by token equality.
+
+A dynamic tree (``DynamicTree``, EAGLE-2 style) is grown anew each step from the draft heads' own top-k
+log-probabilities under a node budget: a node's value is the joint probability of its path (the product
+along it), and the tree keeps the nodes of highest value. Values never grow down a path, so the best nodes
+(ties broken parent-first) always form a tree.
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.contract import DRAFT_LM_HEAD
+from spectrt.runtime.errors import ArtifactError, SpectrtError
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class Tree:
             if len(path) < len(acc):
                 for r in range(len(acc[len(path)])):
                     heapq.heappush(heap, (neg * acc[len(path)][r], path + (r,)))
-        return cls.from_paths(paths)
+        return _paths_tree(tuple(sorted(paths, key=lambda p: (len(p), p))))
 
     @classmethod
     def load(cls, path: str | Path) -> "Tree":
@@ -162,9 +168,29 @@ def _from_parents(parent: tuple) -> Tree:
     return Tree(tuple(paths[1:]), par, depth, rank, mask, tuple(children))
 
 
-@functools.lru_cache(maxsize=256)
-def _head(paths: tuple, n: int) -> Tree:
-    return Tree.from_paths(paths[:max(n, 1) - 1])
+@functools.lru_cache(maxsize=1024)
+def _paths_tree(paths: tuple) -> Tree:
+    """``Tree.from_paths`` of sorted paths, cached (per-step trees repeat their shapes)."""
+    tree = Tree.from_paths(paths)
+    for a in (tree.parent, tree.depth, tree.rank, tree.mask):
+        a.flags.writeable = False
+    return tree
+
+
+def best_nodes(logp: np.ndarray, n: int) -> np.ndarray:
+    """Node 0 and the ``n - 1`` other nodes of highest ``logp`` (ties: the earlier node), in node order.
+
+    When parents come before their children and ``logp`` never grows down a path (a log joint probability),
+    every kept node's parent is kept too: the nodes form a tree."""
+    best = np.lexsort((np.arange(1, len(logp)), -logp[1:]))[:max(n, 1) - 1] + 1
+    return np.concatenate([[0], np.sort(best)])
+
+
+def subtree(parent: np.ndarray, keep: np.ndarray) -> Tree:
+    """The token tree of the nodes ``keep`` (node order, node 0 first, closed under parents)."""
+    where = np.full(len(parent), -1, np.int64)
+    where[keep] = np.arange(len(keep))
+    return Tree.from_parents([-1] + where[parent[keep[1:]]].tolist())
 
 
 @dataclass(frozen=True)
@@ -175,6 +201,34 @@ class Draft:
 
 
 ROOT_ONLY = Tree.chain(0)  # one node: autoregressive decoding
+TREE_DYNAMIC = "dynamic"  # the tree option's value for dynamic trees (else a static tree's JSON)
+DEFAULT_BEAM = 8  # frontier nodes a sequential (Hydra) head expands per depth in a dynamic tree
+LOGPROBS = DRAFT_LM_HEAD.outputs[2].name  # topk_logprobs: what dynamic trees rank candidates by
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """A tree grown each step from the heads' top-k log-probabilities: at most ``size`` nodes, root included.
+
+    Medusa (heads independent per depth): the best paths by the product of this step's per-head
+    probabilities (``Tree.from_accuracy``). Hydra (sequential heads): per depth, one batched head call
+    expands the ``beam`` most likely new nodes; then the ``size - 1`` most likely drafted nodes are kept.
+    """
+    size: int
+    beam: int = DEFAULT_BEAM
+
+    def __post_init__(self):
+        if self.size < 1 or self.beam < 1:
+            raise SpectrtError(f"a dynamic tree needs at least 1 node and a beam of 1, not {self.size} / {self.beam}")
+
+    def check_drafter(self, num_heads: int, topk: int) -> None:
+        """Any budget fits any heads: a dynamic tree is never deeper than the heads nor wider than the top-k."""
+
+    def check_lm_heads(self, root, lm_heads) -> None:
+        """The draft LM head runners (entered) must return ``topk_logprobs``; exports made before it lack it."""
+        if not all(r.has_output(LOGPROBS) for r in lm_heads):
+            raise ArtifactError(f"{root}: the draft LM head has no {LOGPROBS} output (exported before dynamic "
+                                "trees); re-export it, or use the static tree")
 
 
 class StaticTreeDrafter:
@@ -188,7 +242,7 @@ class StaticTreeDrafter:
         return self.tree.size
 
     def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
-        tree = self.tree if budget >= self.tree.size else _head(self.tree.paths, budget)
+        tree = self.tree if budget >= self.tree.size else _paths_tree(self.tree.paths[:max(budget, 1) - 1])
         return Draft(self.fill(root, hidden, tree), tree)
 
     def fill(self, root: int, hidden: np.ndarray, tree: Tree) -> np.ndarray:

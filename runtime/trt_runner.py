@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from spectrt.runtime.artifact import Artifact
-from spectrt.runtime.contract import BASE, HYDRA_PREFIX, MODEL_DTYPE, graph_spec
+from spectrt.runtime.contract import BASE, HYDRA_PREFIX, MODEL_DTYPE, graph_spec, io_mismatch
 from spectrt.runtime.engines import EngineFromArtifact
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.ort_runner import BaseOutputs, ContextFull, check_rows
@@ -114,6 +114,7 @@ class _TrtRunner:
         self.addresses: dict[str, int] = {}  # I/O tensor -> device address (bound after every profile switch)
         self.dtypes: dict[str, np.dtype] = {}
         self._host: dict[str, np.ndarray] = {}  # output -> host buffer (flat, sized for the largest call)
+        self.outputs: tuple = ()  # the contract's outputs the engine has (optional ones may be absent)
         self._active = -1  # the optimization profile selected on the context
 
     def __enter__(self):
@@ -144,11 +145,13 @@ class _TrtRunner:
         import tensorrt as trt
 
         ins, outs = self.spec.expand(self.dims)
-        want = {s.name: np.dtype(s.resolve(self.dims, self.artifact.dtype)[1]) for s in ins + outs}
         have = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        if have != set(want):
+        missing, extra = io_mismatch(ins + outs, have)
+        if missing or extra:
             raise SpectrtError(f"the {self.graph}.{self.profile} engine's tensors differ from the contract's (missing "
-                               f"{sorted(set(want) - have)[:3]}, extra {sorted(have - set(want))[:3]}); rebuild it")
+                               f"{missing[:3]}, extra {extra[:3]}); rebuild it")
+        self.outputs = tuple(s for s in self.spec.outputs if s.name in have)  # optional ones may be absent
+        want = {s.name: np.dtype(s.resolve(self.dims, self.artifact.dtype)[1]) for s in ins + outs if s.name in have}
         for name, dt in want.items():
             self.dtypes[name] = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             if self.dtypes[name] != dt:
@@ -163,9 +166,9 @@ class _TrtRunner:
 
     def _allocate_io(self, n: int) -> None:
         """A device buffer per I/O tensor and a host buffer per output, sized for ``n`` (max q or max batch)."""
-        for s in self.spec.inputs + self.spec.outputs:
+        for s in self.spec.inputs + self.outputs:
             self._alloc(s.name, self._nbytes(s.name, self._shape(s, n)))
-        for s in self.spec.outputs:
+        for s in self.outputs:
             self._host[s.name] = np.empty(math.prod(self._shape(s, n)), self.dtypes[s.name])
 
     def _alloc(self, name: str, nbytes: int) -> int:
@@ -267,7 +270,7 @@ class TrtKVRunner(_TrtRunner):
                 self._set_shape(f"past_{kind}.{i}", (self.past,) + self.row)
         self._execute()
         out: dict[str, np.ndarray | None] = {}
-        for s in self.spec.outputs:
+        for s in self.outputs:
             if s.name in self.skip:
                 out[s.name] = None
                 continue
@@ -365,6 +368,10 @@ class TrtGraphRunner(_TrtRunner):
     def _allocate(self) -> None:
         self._allocate_io(self.max_batch)
 
+    def has_output(self, name: str) -> bool:
+        """True when the engine has this output (inside ``with``; optional outputs may be absent)."""
+        return name in self._host
+
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         assert self.device is not None
         batch = len(next(iter(inputs.values())))
@@ -382,7 +389,7 @@ class TrtGraphRunner(_TrtRunner):
             staged.append(arr)
         self._execute()
         out = {}
-        for s in self.spec.outputs:
+        for s in self.outputs:
             shape = self._shape(s, batch)
             out[s.name] = view = self._host[s.name][:math.prod(shape)].reshape(shape)
             self.device.d2h(view, self.addresses[s.name])

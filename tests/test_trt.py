@@ -475,11 +475,11 @@ def test_generate_and_bench_on_trt_equal_ort(draft_exports, kind, emu, small, tm
     for prompt in PROMPTS:
         tokens = {}
         for backend in ("ort", "trt"):
-            for mode in ("ar", "spec"):
+            for mode, tree in (("ar", None), ("spec", None), ("spec", "dynamic")):
                 cfg = SessionConfig(backend=backend, profile="tiny-test" if backend == "trt" else None, mode=mode,
-                                    prefill_chunk=16)
+                                    tree=tree, tree_nodes=8 if tree else None, prefill_chunk=16)
                 with SpecSession(art_dir, cfg) as s:
-                    tokens[backend, mode] = s.generate(s.codec.encode(prompt), 24).tokens
+                    tokens[backend, mode, tree] = s.generate(s.codec.encode(prompt), 24).tokens
         assert len(set(map(tuple, tokens.values()))) == 1, tokens
     graphs = {e["graph"] for e in emu.executions}
     assert "base" in graphs and (("hydra_prefix" in graphs and "hydra_head.1" in graphs) if kind == "hydra++"

@@ -19,6 +19,7 @@ from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
 from spectrt.runtime.sampling import GREEDY, SamplingConfig
 from spectrt.runtime.drafters import DRAFT_SOURCES
 from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND, DEFAULT_DRAFT
+from spectrt.runtime.tree import TREE_DYNAMIC
 
 
 def one_line(message) -> str:
@@ -148,8 +149,11 @@ def _apply(options):
 decoding_options = _apply([
     click.option("--mode", type=click.Choice(["spec", "ar"]), default=None,
                  show_default="spec with draft heads or --draft lookup", help="speculative or autoregressive decoding"),
-    click.option("--tree", default=None, metavar="JSON", show_default="the export's",
-                 help="tree JSON (lists of top-k rank paths)"),
+    click.option("--tree", default=None, metavar="JSON|dynamic", show_default="the export's",
+                 help=f"the heads' tree: a JSON of top-k rank paths, or '{TREE_DYNAMIC}': a tree grown each step from "
+                      "the heads' own probabilities (EAGLE-2 style) under --tree-nodes"),
+    click.option("--tree-nodes", type=IntRange(min=1), default=None, metavar="N",
+                 show_default="the export's node budget", help=f"node budget (root included) of --tree {TREE_DYNAMIC}"),
     click.option("--draft", type=click.Choice(DRAFT_SOURCES), default=None,
                  show_default=f"{DEFAULT_DRAFT} with draft heads, else none (AR)",
                  help="speculative drafts: the export's heads, context lookup (n-gram copy from prompt + output, "

@@ -7,6 +7,7 @@ from spectrt.commands._common import (IntRange, backend_options, command, profil
                                      sampling_options, write_json)
 from spectrt.runtime.drafters import DRAFT_SOURCES
 from spectrt.runtime.session import DEFAULT_DRAFT
+from spectrt.runtime.tree import TREE_DYNAMIC
 
 
 class VocabSizes(click.ParamType):
@@ -63,7 +64,10 @@ def _export_facts(path: str) -> tuple[str, int]:
               help="at most N prompts (after --stride)")
 @click.option("-n", "--max-new-tokens", type=IntRange(min=1), default=128, metavar="N",
               help="new tokens per prompt at most")
-@click.option("--tree", default=None, metavar="JSON", show_default="the export's", help="tree JSON")
+@click.option("--tree", default=None, metavar="JSON|dynamic", show_default="the export's",
+              help=f"tree JSON, or '{TREE_DYNAMIC}' (grown each step under --tree-nodes)")
+@click.option("--tree-nodes", type=IntRange(min=1), default=None, metavar="N", show_default="the export's node budget",
+              help=f"node budget (root included) of --tree {TREE_DYNAMIC}")
 @click.option("--draft", "drafts", type=DraftSources(), default=None,
               show_default=f"{DEFAULT_DRAFT} with draft heads, else none (AR only)",
               help=f"draft sources to compare, comma-separated ({', '.join(DRAFT_SOURCES)}): one row each, "
@@ -80,7 +84,7 @@ def _export_facts(path: str) -> tuple[str, int]:
 @click.option("--sweep-dir", default=None, show_default="DIR.vocab-sweep", help="where the sweep's variant exports go")
 @click.option("--plot", default=None, metavar="PNG", help="coverage and tau vs N plot of the sweep")
 @click.pass_context
-def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, drafts, transformers, backend, profile,
+def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, tree_nodes, drafts, transformers, backend, profile,
             provider, threads, verify, temperature, top_k, top_p, seed, typical, json_out, vocab_sweep, vocab, sweep_dir,
             plot) -> int:
     """Benchmark autoregressive decoding (on the first DIR) against speculative decoding with each DIR that
@@ -106,14 +110,15 @@ def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, drafts,
     records = load_prompt_records(prompts or DEFAULT_PROMPTS)[::stride][:limit]
     if vocab_sweep:
         return _sweep(artifact[0], records, vocab_sweep, vocab, sweep_dir, max_new_tokens, provider, threads, tree,
-                      json_out, plot, drafts[0] if drafts else "heads")
+                      tree_nodes, json_out, plot, drafts[0] if drafts else "heads")
     hf = None
     if transformers:
         from spectrt.export.reference import HFGreedy
 
         hf = HFGreedy(_export_facts(artifact[0])[0], threads)
     config = SessionConfig(backend=backend, profile=profile_name(profile), provider=provider, threads=threads,
-                           tree=tree, draft=drafts[0] if drafts else None, verify=verify, sampling=sampling)
+                           tree=tree, tree_nodes=tree_nodes, draft=drafts[0] if drafts else None, verify=verify,
+                           sampling=sampling)
     report = run_bench(list(artifact), records, max_new_tokens, config, hf,
                        progress=lambda r: tqdm(r, desc="bench", unit="prompt"), drafts=drafts)
     print(format_report(report))
@@ -122,15 +127,15 @@ def command(ctx, artifact, prompts, stride, limit, max_new_tokens, tree, drafts,
     return 1 if report.mismatches and not sampling.typical else 0  # typical acceptance is lossy by design
 
 
-def _sweep(artifact, records, sizes, vocab, sweep_dir, max_new_tokens, provider, threads, tree, json_out, plot,
-           draft) -> int:
+def _sweep(artifact, records, sizes, vocab, sweep_dir, max_new_tokens, provider, threads, tree, tree_nodes, json_out,
+           plot, draft) -> int:
     from spectrt.calibration.vocab_sweep import format_rows, plot as plot_rows, sweep
     from spectrt.runtime.session import SessionConfig
 
     if "full" in sizes:
         full = _export_facts(artifact)[1]
         sizes = [full if s == "full" else s for s in sizes]
-    config = SessionConfig(provider=provider, threads=threads, tree=tree, draft=draft)
+    config = SessionConfig(provider=provider, threads=threads, tree=tree, tree_nodes=tree_nodes, draft=draft)
     rows = sweep(artifact, vocab, sizes, records, max_new_tokens, sweep_dir or f"{artifact.rstrip('/')}.vocab-sweep",
                  config)
     print(format_rows(rows))

@@ -86,6 +86,10 @@ def load_prompt_records(path: str | os.PathLike, limit: int | None = None) -> li
     return prompts
 
 
-# The prompt set bundled with spectrt (39 Spec-Bench questions, Apache-2.0; see spectrt/data/prompts/README.md):
-# the default of `spectrt bench` and of the VocabTrim calibration, so both work on a fresh clone.
+# The benchmark prompts bundled with spectrt (39 Spec-Bench questions, Apache-2.0; see
+# spectrt/data/prompts/README.md): the default of `spectrt bench`, so it works on a fresh clone. Never calibrate
+# or train on them.
 DEFAULT_PROMPTS = Path(spectrt.__file__).parent / "data" / "prompts" / "spec_bench_mini.jsonl"
+# Calibration prompts (`spectrt calibrate tree|vocab`, `export --awq`, `export --vocab-size` without --vocab): not
+# Spec-Bench text, and not what the shipped heads trained on (see spectrt/data/prompts/README.md).
+CALIBRATION_PROMPTS = Path(spectrt.__file__).parent / "data" / "prompts" / "calibration.jsonl"

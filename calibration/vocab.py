@@ -14,7 +14,7 @@ import numpy as np
 
 from spectrt.calibration.generations import (default_cache_dir, default_generations_path, generate_responses,
                                              model_fingerprint)
-from spectrt.calibration.prompts import DEFAULT_PROMPTS, load_prompts
+from spectrt.calibration.prompts import CALIBRATION_PROMPTS, load_prompts
 from spectrt.export.vocabtrim import VOCAB_FORMAT, VocabTrim, choose_kept, hf_tokenizer_hash, load_vocab
 from spectrt.runtime.artifact import atomic_write
 from spectrt.runtime.errors import SpectrtError
@@ -49,11 +49,11 @@ def write_vocab(path, kept, counts, coverage: float, vocab_size: int, tok_hash: 
 
 
 def default_vocab(model, tok, size: int, progress: bool = True) -> VocabTrim:
-    """`export --vocab-size N` without --vocab: calibrate on the bundled prompt set (cached), keep the top N."""
-    path = default_cache_dir() / f"vocab-{model_fingerprint(model)}-{DEFAULT_PROMPTS.stem}.json"
+    """`export --vocab-size N` without --vocab: calibrate on the bundled calibration prompts (cached; never benchmark text), keep the top N."""
+    path = default_cache_dir() / f"vocab-{model_fingerprint(model)}-{CALIBRATION_PROMPTS.stem}.json"
     if not path.is_file():
-        calibrate_vocab(model, tok, load_prompts(DEFAULT_PROMPTS), path, size=model.config.vocab_size, progress=progress,
-                        source=f"greedy continuations of {DEFAULT_PROMPTS.name}")
+        calibrate_vocab(model, tok, load_prompts(CALIBRATION_PROMPTS), path, size=model.config.vocab_size,
+                        progress=progress, source=f"greedy continuations of {CALIBRATION_PROMPTS.name}")
     return load_vocab(path, model.config.vocab_size, hf_tokenizer_hash(tok), topk=1, size=size)
 
 

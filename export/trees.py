@@ -8,10 +8,13 @@ from pathlib import Path
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.tree import Tree
 
-# Tree sizes (nodes, root included). Measured with the shipped SmolLM2 heads on 2 CPU cores (fp32 ORT,
-# spec_bench_dev every 30th prompt, VocabTrim 4k): 2 nodes 1.10x over AR, 3 nodes 0.99x, 4 nodes 0.97x;
-# a verify of q=2 costs about one decode step there, q=4 ~1.15x. GPUs verify ~64 nodes for about the
-# price of one.
+# Tree sizes (nodes, root included). "cpu" is what `spectrt calibrate tree` chooses for the shipped SmolLM2
+# heads on 2 CPU cores (heads+lookup drafts, 32 bundled calibration prompts): 2 nodes with costs timed on
+# the machine (1.49x AR expected; `spectrt bench` on 16 Spec-Bench dev prompts: 1.48x), 4 nodes with the
+# quiet-machine profile docs/results/profile_smollm2_cpu.json, where 2..5 nodes are within 1.5 % (1.39x-1.41x).
+# Re-run it for another model or device (it writes its choice into the export). GPUs verify ~64 nodes for
+# about the price of one (`calibrate tree --profile orin-nano-8gb`: 28 nodes, the profile's 32 rows less the
+# lookup chain).
 TREE_PRESETS = {"cpu": 2, "gpu": 64}
 DEFAULT_TREE = "cpu"
 REPORT = "report.json"  # written by `spectrt distill` next to the heads

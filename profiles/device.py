@@ -48,6 +48,9 @@ class DeviceProfile:
     max_batch: int  # batch of the base graph (the runtime uses 1)
     workspace_mb: int  # TensorRT builder workspace pool limit
     builder_optimization_level: int  # 0..5 (TensorRT default 3)
+    # the roofline of `spectrt calibrate tree --profile` (optional keys: a profile without them has no roofline)
+    memory_bandwidth_gbs: float | None = None  # DRAM peak, GB/s
+    peak_fp16_tflops: float | None = None  # dense fp16 tensor-core peak, TFLOP/s
     source: str = ""  # where it was loaded from (not a YAML key)
 
     def to_dict(self) -> dict:
@@ -75,6 +78,7 @@ _INT_FIELDS = {
     "workspace_mb": (16, 1 << 20),
     "builder_optimization_level": (0, 5),
 }
+_FLOAT_FIELDS = {"memory_bandwidth_gbs": (0.1, 1e5), "peak_fp16_tflops": (0.01, 1e5)}  # optional keys: (min, max)
 _STR_FIELDS = ("name", "description", "device", "compute_capability", "tensorrt", "default_precision")
 _KEYS = tuple(f.name for f in fields(DeviceProfile) if f.name != "source")
 
@@ -134,7 +138,7 @@ def _validate(raw: dict, source: str) -> DeviceProfile:
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         raise ProfileError(f"{source}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(_KEYS)}, base)")
-    missing = [k for k in _KEYS if k not in raw]
+    missing = [k for k in _KEYS if k not in raw and k not in _FLOAT_FIELDS]
     if missing:
         raise ProfileError(f"{source}: missing key(s) {', '.join(missing)}")
     values = {}
@@ -152,6 +156,11 @@ def _validate(raw: dict, source: str) -> DeviceProfile:
         if not lo <= v <= hi:
             raise ProfileError(f"{source}: {k}: {v} is out of range [{lo}, {hi}]")
         values[k] = v
+    for k, (lo, hi) in _FLOAT_FIELDS.items():
+        v = raw.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi):
+            raise ProfileError(f"{source}: {k}: expected a number in [{lo:g}, {hi:g}], got {v!r}")
+        values[k] = None if v is None else float(v)
     if values["device"] not in DEVICES:
         raise ProfileError(f"{source}: device: '{values['device']}' is not one of {', '.join(DEVICES)}")
     for k in ("compute_capability", "tensorrt"):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from spectrt.cli import COMMANDS, cli, main
 
 # every command path, groups included
-COMMAND_PATHS = [[]] + [[c] for c in COMMANDS] + [["calibrate", "vocab"]]
+COMMAND_PATHS = [[]] + [[c] for c in COMMANDS] + [["calibrate", "vocab"], ["calibrate", "tree"]]
 
 
 def _command(path: list[str]) -> tuple[click.Command, click.Context]:
@@ -124,6 +124,8 @@ def test_prompt_and_max_new_tokens_have_help():
     (["distill", "-m", "M", "--prompts", "P", "-o", "O", "--holdout", "1"], "--holdout must be in [0, 1), not 1"),
     (["calibrate", "vocab", "-o", "V", "--coverage", "1.5"], "--coverage must be in (0, 1], not 1.5"),
     (["calibrate", "vocab", "-o", "V", "--size", "9", "--coverage", "0.5"], "mutually exclusive"),
+    (["calibrate", "tree", "DIR", "--max-nodes", "1"], "--max-nodes must be at least 2, not 1"),
+    (["calibrate", "tree", "DIR", "--timings", "T", "--profile", "rtx-4090"], "pass one"),
     (["check", "DIR", "--profile", "agx-thor", "--trt-version", "10.3"], "mutually exclusive"),
     (["profile", "DIR", "--iterations", "0"], "--iterations must be at least 1"),
     (["devices", "--artifact", "DIR"], "--artifact needs a profile NAME"),

@@ -1,10 +1,15 @@
-"""`spectrt calibrate vocab -m MODEL -o VOCAB.json [--size N | --coverage C]`: calibration for draft-side options."""
+"""`spectrt calibrate vocab -m MODEL -o VOCAB.json [--size N | --coverage C]` and `spectrt calibrate tree DIR
+[--timings PROFILE.json | --profile P]`: calibration for draft-side options."""
 from __future__ import annotations
 
 import click
 
+from spectrt.calibration.acceptance import DEFAULT_MAX_NEW_TOKENS
+from spectrt.calibration.trees import DEFAULT_PROMPT_LIMIT
 from spectrt.calibration.vocab import DEFAULT_CALIBRATION_TOKENS, DEFAULT_COVERAGE
-from spectrt.commands._common import FloatRange, IntRange, SpectrtGroup
+from spectrt.runtime.artifact import CALIBRATED_DRAFTS
+from spectrt.runtime.session import DEFAULT_DRAFT
+from spectrt.commands._common import FloatRange, IntRange, SpectrtGroup, complete_profiles, write_json
 from spectrt.commands._common import command as spectrt_command
 
 
@@ -15,7 +20,7 @@ def command() -> None:
 
 @spectrt_command("vocab", short_help="VocabTrim: rank the tokens the target model generates")
 @click.option("-m", "--model", default="smollm2-135m", help="HF model directory, .gguf file or built-in name")
-@click.option("--prompts", default=None, metavar="FILE", show_default="the bundled set",
+@click.option("--prompts", default=None, metavar="FILE", show_default="the bundled calibration set",
               help="JSONL with 'prompt' or 'turns'")
 @click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
               help="use the first N prompts")
@@ -34,11 +39,11 @@ def vocab(ctx, model, prompts, limit, output, size, coverage, max_new_tokens, ba
     (--size N, or the smallest N reaching --coverage C) in VOCAB.json for `spectrt export --vocab`."""
     if size is not None and coverage is not None:
         raise click.UsageError("--size and --coverage are mutually exclusive", ctx)
-    from spectrt.calibration.prompts import DEFAULT_PROMPTS, load_prompts
+    from spectrt.calibration.prompts import CALIBRATION_PROMPTS, load_prompts
     from spectrt.calibration.vocab import calibrate_vocab
     from spectrt.export.sources import load_hf
 
-    prompts_path = prompts or DEFAULT_PROMPTS
+    prompts_path = prompts or CALIBRATION_PROMPTS
     texts = load_prompts(prompts_path, limit)
     hf_model, tok = load_hf(model)
     if size is None and coverage is None:
@@ -52,3 +57,53 @@ def vocab(ctx, model, prompts, limit, output, size, coverage, max_new_tokens, ba
 
 
 command.add_command(vocab)
+
+
+@spectrt_command("tree", short_help="fit the draft tree's node budget to a device")
+@click.argument("dir", type=click.Path(file_okay=False))
+@click.option("--timings", default=None, metavar="PROFILE.json",
+              help="costs measured on the device: `spectrt profile DIR --json PROFILE.json` (there: --backend trt)")
+@click.option("--profile", default=None, shell_complete=complete_profiles,
+              help="costs from this device profile's roofline (bandwidth, fp16 peak): an estimate from the host")
+@click.option("--prompts", default=None, metavar="FILE", show_default="the bundled calibration set (not Spec-Bench)",
+              help="JSONL with 'prompt' or 'turns'")
+@click.option("--limit", type=IntRange(min=1), default=DEFAULT_PROMPT_LIMIT, metavar="N", help="use the first N prompts")
+@click.option("-n", "--max-new-tokens", type=IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+              help="greedy continuation per prompt")
+@click.option("--draft", type=click.Choice(CALIBRATED_DRAFTS), default=DEFAULT_DRAFT,
+              help="the drafts the tree serves: the heads alone, or merged with the lookup chain")
+@click.option("--max-nodes", type=IntRange(min=2), default=None, metavar="N", show_default="the costs' largest verify",
+              help="try budgets up to N nodes")
+@click.option("--threads", type=IntRange(min=1), default=None, help="ONNX Runtime intra-op threads")
+@click.option("--dry-run", is_flag=True, help="print the table, write nothing")
+@click.option("--json", "json_out", default=None, metavar="OUT", help="write the table and the choice as JSON")
+def tree(dir, timings, profile, prompts, limit, max_new_tokens, draft, max_nodes, threads, dry_run, json_out) -> int:
+    """Choose the draft tree's node budget N (and its static tree) for the export DIR that maximises expected
+    tokens/s = tau(N) / (verify cost(N) + draft cost(N)): tau replayed from the heads' acceptance, measured
+    with DIR's own graphs on calibration prompts, the costs from --timings (measured on the device), from
+    --profile (a roofline estimate on the host), or else timed here. Writes the tree and N into DIR's manifest,
+    which `generate` uses by default."""
+    if timings and profile:
+        raise click.UsageError("--timings and --profile are two sources of the same costs; pass one")
+    from tqdm import tqdm
+
+    from spectrt.calibration.prompts import CALIBRATION_PROMPTS, load_prompts
+    from spectrt.calibration.trees import calibrate_tree, format_accuracy, format_choice
+
+    path = prompts or CALIBRATION_PROMPTS
+    texts = load_prompts(path, limit)
+    choice, acc, cost = calibrate_tree(dir, texts, f"{len(texts)} prompts of {path}", timings, profile,
+                                       draft, max_new_tokens, max_nodes, threads, write=not dry_run,
+                                       progress=lambda it: tqdm(it, desc="acceptance", unit="prompt"))
+    print(format_accuracy(acc, choice.accuracy))
+    print(f"\ncosts: {cost.kind} ({cost.source}); drafts: {draft}; AR step {choice.ar_ms:.3f} ms")
+    print(format_choice(choice, draft))
+    best = choice.best
+    where = "not written (--dry-run)" if dry_run else f"written to {dir}/manifest.json"
+    print(f"\nchose {best.nodes} nodes: expected tau {best.tau:.2f}, {best.speedup:.2f}x AR; {where}")
+    if json_out:
+        print(f"wrote {write_json(choice.to_json(), json_out)}")
+    return 0
+
+
+command.add_command(tree)

@@ -41,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from spectrt.export.gguf_blocks import BITS as GGUF_BITS
 from spectrt.export.gguf_blocks import EMBEDDING as GGUF_EMBEDDING
+from spectrt.export.gguf_blocks import OUTPUT as GGUF_OUTPUT
 from spectrt.export.gguf_blocks import GGUF_BLOCK, PROJECTION_NAMES, GGUFFile
 from spectrt.runtime.artifact import (DEFAULT_WEIGHT_BLOCK, QUANT_SCHEMES, WEIGHT_BLOCKS, WEIGHT_FORMATS,
                                       WEIGHT_SCHEMES, WeightsInfo)
@@ -317,11 +318,19 @@ def _resolve_scheme(spec: QuantSpec, gguf: GGUFFile | None, num_layers: int) -> 
     return "asymmetric"
 
 
+GGUF_RTOL = 1e-6  # a GGUF block mapping must reproduce transformers' float load within this share of max |w|
+
+
+def _mismatch(t: QuantizedLinear, ref_kn: np.ndarray) -> float | None:
+    """Max |dequantized - ref| when it exceeds the tolerance, else None (the blocks reproduce ``ref_kn [K, N]``)."""
+    diff = float(np.abs(t.dequantized(GGUF_BLOCK) - ref_kn).max())
+    return diff if diff > GGUF_RTOL * max(float(np.abs(ref_kn).max()), 1e-30) else None
+
+
 def _checked(t: QuantizedLinear, module, name: str, gguf: GGUFFile) -> QuantizedLinear:
     """A GGUF block mapping must reproduce the float weights transformers dequantized from the same file."""
-    ref = module.weight.detach().float().numpy().T
-    diff = float(np.abs(t.dequantized(GGUF_BLOCK) - ref).max())
-    if diff > 1e-6 * max(float(np.abs(ref).max()), 1e-30):
+    diff = _mismatch(t, module.weight.detach().float().numpy().T)
+    if diff is not None:
         raise SpectrtError(f"{gguf.path.name}: the blocks of '{name}' do not reproduce the loaded weights (max "
                            f"difference {diff:.3g}); use --scheme asymmetric")
     return t
@@ -332,7 +341,7 @@ def _vocab_table(spec: QuantSpec, w_vh: np.ndarray, gguf: GGUFFile | None, gguf_
     if gguf is not None and spec.block == GGUF_BLOCK and gguf.type_of(gguf_name) in ("Q8_0", "Q4_0"):
         b = gguf.blocks(gguf_name)
         t = QuantizedLinear(b.q, b.scales, b.bits)
-        if np.abs(t.dequantized(GGUF_BLOCK) - w_vh.T).max() <= 1e-6 * max(float(np.abs(w_vh).max()), 1e-30):
+        if _mismatch(t, w_vh.T) is None:
             return t
     return quantize_blocks(w_vh.T, VOCAB_BITS, spec.block)
 
@@ -379,7 +388,7 @@ def quantize_model(model, num_layers: int, spec: QuantSpec, gguf_path=None, num_
         inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
         tied = inp.weight.data_ptr() == outp.weight.data_ptr()
         if spec.lm_head or (spec.embeddings and tied):
-            t = _vocab_table(spec, outp.weight.detach().float().numpy(), gguf, GGUF_EMBEDDING if tied else "output.weight")
+            t = _vocab_table(spec, outp.weight.detach().float().numpy(), gguf, GGUF_EMBEDDING if tied else GGUF_OUTPUT)
             out.tensors[LM_HEAD] = t
             write_back(outp, t)
             if spec.embeddings and tied:

@@ -43,8 +43,8 @@ from spectrt.export.gguf_blocks import BITS as GGUF_BITS
 from spectrt.export.gguf_blocks import EMBEDDING as GGUF_EMBEDDING
 from spectrt.export.gguf_blocks import OUTPUT as GGUF_OUTPUT
 from spectrt.export.gguf_blocks import GGUF_BLOCK, PROJECTION_NAMES, GGUFFile
-from spectrt.runtime.artifact import (DEFAULT_WEIGHT_BLOCK, QUANT_SCHEMES, WEIGHT_BLOCKS, WEIGHT_FORMATS,
-                                      WEIGHT_SCHEMES, WeightsInfo)
+from spectrt.runtime.artifact import (DEFAULT_WEIGHT_BLOCK, QUANT_SCHEMES, VOCAB_WEIGHT_BITS, WEIGHT_BITS,
+                                      WEIGHT_BLOCKS, WEIGHT_FORMATS, WEIGHT_SCHEMES, WeightsInfo)
 from spectrt.runtime.errors import SpectrtError
 
 WEIGHT_KINDS = ("float", "int8", "int4")
@@ -56,8 +56,6 @@ DEFAULT_FORMAT = "matmulnbits"
 DEFAULT_SCHEME = QUANT_SCHEMES[0]  # auto
 QDQ_OPSET = 21  # block-wise DequantizeLinear (block_size) and the INT4 type
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (MLAS's fast path on x86/ARM)
-BITS = {"int8": 8, "int4": 4}
-VOCAB_BITS = 8  # embeddings and LM head, when quantized
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LM_HEAD = "lm_head"
@@ -81,7 +79,7 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
-        return BITS[self.kind]
+        return WEIGHT_BITS[self.kind]
 
     def check(self, opset: int, gguf_source: bool = False) -> None:
         """One-line errors for bad combinations (before anything is loaded or written)."""
@@ -343,7 +341,7 @@ def _vocab_table(spec: QuantSpec, w_vh: np.ndarray, gguf: GGUFFile | None, gguf_
         t = QuantizedLinear(b.q, b.scales, b.bits)
         if _mismatch(t, w_vh.T) is None:
             return t
-    return quantize_blocks(w_vh.T, VOCAB_BITS, spec.block)
+    return quantize_blocks(w_vh.T, VOCAB_WEIGHT_BITS, spec.block)
 
 
 def quantize_model(model, num_layers: int, spec: QuantSpec, gguf_path=None, num_heads: int = 0,
@@ -402,6 +400,6 @@ def quantize_model(model, num_layers: int, spec: QuantSpec, gguf_path=None, num_
 
 
 __all__ = ["ACCURACY_LEVEL", "BLOCK_SIZES", "DEFAULT_BLOCK", "DEFAULT_FORMAT", "DEFAULT_SCHEME", "EMBED", "LM_HEAD",
-           "QDQ_OPSET", "QuantSpec", "QuantizedLinear", "QuantizedWeights", "SCHEMES", "VOCAB_BITS",
+           "QDQ_OPSET", "QuantSpec", "QuantizedLinear", "QuantizedWeights", "SCHEMES",
            "WEIGHT_FORMATS", "WEIGHT_KINDS", "dequantize_blocks", "pack_matmulnbits", "quantize_blocks",
            "quantize_model"]

@@ -27,7 +27,6 @@ from spectrt.runtime.errors import SpectrtError
 BANDWIDTH_EFFICIENCY = 0.7  # share of the datasheet DRAM bandwidth a decode step reaches
 COMPUTE_EFFICIENCY = 0.5  # share of the dense tensor-core peak large-q GEMMs reach
 PEAK_SCALE = {"fp32": 0.25, "fp16": 1.0, "bf16": 1.0, "int8": 2.0, "fp8": 2.0, "fp4": 4.0}  # x the fp16 peak
-WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5}  # quantized base weights (export --weights), per element
 
 
 def _interp(x: float, xs, ys) -> float:
@@ -144,8 +143,8 @@ class RooflineCost:
         elt = DTYPE_BYTES[art.dtype]
         weight = elt if precision == "fp32" else min(elt, DTYPE_BYTES[precision])
         q = art.manifest.weights
-        layers = WEIGHT_BYTES[q.kind] + 4.0 / q.block if q is not None else weight  # + one fp32 scale per block
-        self.b = _Bytes(weight, layers, layers if q is not None and q.lm_head else weight,
+        layers = q.element_bytes() if q is not None else weight
+        self.b = _Bytes(weight, layers, q.element_bytes(vocab=True) if q is not None and q.lm_head else weight,
                         kv=elt if precision == "fp32" else min(elt, 2), activation=min(elt, 4))
         self.bandwidth = p.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY  # bytes/s
         self.flops = p.peak_fp16_tflops * 1e12 * PEAK_SCALE.get(precision, 1.0) * COMPUTE_EFFICIENCY  # FLOP/s

@@ -260,6 +260,8 @@ WEIGHT_BLOCKS = (32, 64, 128)
 WEIGHT_SCHEMES = ("symmetric-rtn", "asymmetric-rtn", "gguf")  # as recorded
 QUANT_SCHEMES = ("auto", "symmetric", "asymmetric", "gguf")  # `export --scheme` (auto resolves to another)
 DEFAULT_WEIGHT_BLOCK = 32
+WEIGHT_BITS = {"int8": 8, "int4": 4}
+VOCAB_WEIGHT_BITS = 8  # a quantized LM head / embedding table (export.quantize)
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,15 @@ class WeightsInfo:
     @property
     def ort_only(self) -> bool:
         return self.format == "matmulnbits"
+
+    def element_bytes(self, vocab: bool = False) -> float:
+        """Stored bytes per weight: the packed value, its block's fp32 scale and, for the projections of an
+        asymmetric or GGUF grid, its block's fp32 offset (GGUF Q4_0/Q8_0 have none: an upper bound there).
+        ``vocab``: the LM head / embedding table (8-bit symmetric blocks)."""
+        if vocab:
+            return VOCAB_WEIGHT_BITS / 8 + 4 / self.block
+        offsets = 4 / self.block if self.scheme != "symmetric-rtn" else 0.0
+        return WEIGHT_BITS[self.kind] / 8 + 4 / self.block + offsets
 
     def label(self) -> str:
         vocab = ", embeddings + LM head int8" if self.embeddings else ", LM head int8" if self.lm_head else ""

@@ -314,3 +314,14 @@ def test_quality_report(quant_exports, tmp_path):
     assert 0 <= q4.top1_agreement <= 1 and 0 <= q4.greedy_prefix_agreement <= 1 and np.isfinite(q4.perplexity)
     assert q4.base_bytes < ref.base_bytes
     assert "perplexity" in rep.format() and rep.to_json()["exports"][0]["weights"].startswith("int4")
+
+
+@pytest.mark.parametrize("kind,scheme", [("int4", "symmetric-rtn"), ("int4", "asymmetric-rtn"), ("int8", "asymmetric-rtn")])
+def test_element_bytes_match_the_stored_tensors(kind, scheme):
+    """WeightsInfo.element_bytes (what the roofline cost model reads) is what QuantizedLinear stores."""
+    bits = {"int4": 4, "int8": 8}[kind]
+    w = np.random.default_rng(0).standard_normal((128, 48)).astype(np.float32)
+    info = WeightsInfo(kind, 32, "matmulnbits", scheme=scheme)
+    t = quantize_blocks(w, bits, 32, asymmetric=scheme != "symmetric-rtn")
+    assert t.nbytes() / w.size == info.element_bytes()
+    assert quantize_blocks(w, 8, 32).nbytes() / w.size == info.element_bytes(vocab=True)

@@ -2,8 +2,11 @@
 
 Attention sees the whole past plus the new tokens allowed by ``tree_mask``; positions come from the
 caller (past + depth), so the same graph runs a causal chunk, one token, or a tree of candidates.
-Only standard ONNX ops (no contrib ops) so TensorRT's parser takes it, except with weights quantized in
-the ORT-only ``matmulnbits`` format (``export.quantize``).
+Only standard ONNX ops (no contrib ops) so TensorRT's parser takes it. With weights quantized in the
+ORT-only ``matmulnbits`` format (``export.quantize``) the graph is written for ONNX Runtime instead
+(``fused_decoder_layer``): fused QKV and gate/up MatMulNBits, ONNX ``Attention``/``RotaryEmbedding``
+(opset 23) and ORT's SkipSimplifiedLayerNormalization, batch 1 -- a tenth of the nodes, since on a CPU
+at batch 1 every node's dispatch costs about as much as the arithmetic of a small projection.
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from onnx import helper
 from spectrt.export.families import DecoderDims, HFWeights
 from spectrt.export.onnx_graph import ONNX_DTYPES, GraphBuilder
 from spectrt.runtime.contract import BASE
+from spectrt.runtime.errors import SpectrtError
+
+FUSED_OPSET = 23  # ONNX Attention and RotaryEmbedding (the matmulnbits form); ORT >= 1.23 runs them on CPU
 
 
 class _Shapes:
@@ -122,31 +128,105 @@ def decoder_layer(g: GraphBuilder, x: str, param, eps: float, heads: int, kv_hea
     return g.op("Add", x, down)
 
 
+def skip_norm(g: GraphBuilder, delta: str, x: str, weight: str, eps: float) -> tuple[str, str]:
+    """(RMSNorm(x + delta) * weight, x + delta) in one ORT SkipSimplifiedLayerNormalization (fp32 inside)."""
+    h, total = g.fresh("skip_norm_out"), g.fresh("residual")
+    g.op("SkipSimplifiedLayerNormalization", delta, x, weight, outputs=[h, "", "", total], domain="com.microsoft",
+         epsilon=eps)
+    return h, total
+
+
+def fused_tables(g: GraphBuilder, tree: str, shp: _Shapes, inv_freq: np.ndarray, rope_scaling: float,
+                 max_context: int) -> tuple[str, str, str]:
+    """(mask [B, 1, q, P+q] bool, cos, sin [max_context, D/2]) for the fused layers: the past is visible, the
+    new tokens see what ``tree`` allows; rotary tables for every position the cache can hold, in fp32."""
+    past_true = g.op("ConstantOfShape", g.op("Concat", shp.batch, shp.q, shp.past, axis=0),
+                     value=helper.make_tensor("true", ONNX_DTYPES["bool"], [1], [True]))
+    mask = g.op("Unsqueeze", g.op("Concat", past_true, tree, axis=2), g.const([1]))
+    freqs = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]  # [C, D/2]
+    cos, sin = (np.cos(freqs) * np.float32(rope_scaling), np.sin(freqs) * np.float32(rope_scaling))
+    return mask, g.weight("rope_cos", cos), g.weight("rope_sin", sin)
+
+
+def fused_decoder_layer(g: GraphBuilder, h: str, x: str, param, dims: DecoderDims, past: tuple[str, str],
+                        new: tuple, cdims: dict, tables: tuple[str, str, str], pos: str, next_norm: np.ndarray,
+                        name: str) -> tuple[str, str]:
+    """One decoder layer in ONNX Runtime's fused ops (batch 1). ``h``: the normed input [1, q, H], ``x``: the
+    residual stream before it. Returns (h, x) for the next layer: ``next_norm`` (its input norm, or the
+    final norm) is applied by the closing SkipSimplifiedLayerNormalization, which also adds the residual."""
+    D, KVH, NH, eps = dims.head_dim, dims.kv_heads, dims.num_heads, dims.rms_eps
+    mask, cos, sin = tables
+    quant = g.quant
+    projs = [f"self_attn.{p}_proj" for p in "qkv"]
+    bias = quant.fuse([f"{name}.{p}_proj" for p in "qkv"], f"{name}.qkv_proj", [param(f"{p}.bias") for p in projs])
+    qkv = quant.matmul(g, h, f"{name}.qkv_proj")  # [1, q, (NH + 2 KVH) D]
+    if bias is not None:
+        qkv = g.op("Add", qkv, g.weight(f"{name}.qkv_proj.bias", bias))
+    q, k, v = g.op("Split", qkv, g.const([NH * D, KVH * D, KVH * D]), axis=-1, outputs=3)
+    q = g.op("RotaryEmbedding", q, cos, sin, pos, num_heads=NH)  # [1, q, NH D]
+    k = g.op("RotaryEmbedding", k, cos, sin, pos, num_heads=KVH)  # [1, q, KVH D]
+    kv_rows = g.const([-1, 1, KVH, D])  # [1, q, KVH D] -> token-major [q, 1, KVH, D]: the same bytes at batch 1
+    g.add_output(new[0], cdims, g.op("Reshape", k, kv_rows))
+    g.add_output(new[1], cdims, g.op("Reshape", v, kv_rows))
+    seq = g.const([1, -1, KVH * D])
+    keys = g.op("Concat", g.op("Reshape", past[0], seq), k, axis=1)  # [1, P+q, KVH D]
+    vals = g.op("Concat", g.op("Reshape", past[1], seq), v, axis=1)
+    ctx = g.op("Attention", q, keys, vals, mask, q_num_heads=NH, kv_num_heads=KVH, scale=float(1.0 / np.sqrt(D)))
+    attn = _linear(g, ctx, None, param("self_attn.o_proj.bias"), f"{name}.o_proj")
+    h, x = skip_norm(g, attn, x, g.weight(f"{name}.post_norm", param("post_attention_layernorm.weight")), eps)
+    bias = quant.fuse([f"{name}.gate_proj", f"{name}.up_proj"], f"{name}.gate_up_proj",
+                      [param("mlp.gate_proj.bias"), param("mlp.up_proj.bias")])
+    gate_up = quant.matmul(g, h, f"{name}.gate_up_proj")  # [1, q, 2 I]
+    if bias is not None:
+        gate_up = g.op("Add", gate_up, g.weight(f"{name}.gate_up_proj.bias", bias))
+    gate, up = g.op("Split", gate_up, g.const([dims.intermediate, dims.intermediate]), axis=-1, outputs=2)
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+    down = _linear(g, act, None, param("mlp.down_proj.bias"), f"{name}.down_proj")
+    return skip_norm(g, down, x, g.weight(f"{name}.next_norm", next_norm), eps)
+
+
 def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray, rope_scaling: float,
-                     dtype: str, opset: int, producer: str, quant=None):
-    """``quant``: an ``export.quantize.QuantizedWeights`` whose linears (and LM head) are emitted quantized."""
-    g = GraphBuilder("spectrt_base", opset, dtype)
+                     dtype: str, opset: int, producer: str, quant=None, max_context: int = 0):
+    """``quant``: an ``export.quantize.QuantizedWeights`` whose linears (and LM head) are emitted quantized;
+    in its ``matmulnbits`` format the graph is ONNX Runtime's fused form (``fused_decoder_layer``, opset
+    ``FUSED_OPSET``, batch 1, rotary tables for ``max_context`` positions)."""
+    fused = quant is not None and quant.spec.format == "matmulnbits"
+    g = GraphBuilder("spectrt_base", FUSED_OPSET if fused else opset, dtype)
     g.quant = quant
     D, KVH, NH = dims.head_dim, dims.kv_heads, dims.num_heads
-    cdims = {"hidden": dims.hidden, "vocab": dims.vocab, "kv_heads": KVH, "head_dim": D}
+    cdims = {"hidden": dims.hidden, "vocab": dims.vocab, "kv_heads": KVH, "head_dim": D, **({"batch": 1} if fused else {})}
     ins, outs = BASE.expand({"num_layers": dims.num_layers})
     names = {s.name: g.add_input(s, cdims) for s in ins}
     out_spec = {s.name: s for s in outs}
     ids, pos, tree = names["input_ids"], names["position_ids"], names["tree_mask"]
     shp = _Shapes(g, ids, "past_key.0")
-    tables = attention_tables(g, tree, pos, shp, inv_freq, rope_scaling, NH // KVH)
 
     if quant is not None and "embed_tokens" in quant:  # block-quantized table (shared with a quantized LM head)
         embed, x = None, quant.gather(g, ids, dims.hidden)  # [B, q, H]
     else:
         embed = g.weight("embed_tokens", weights.embed)  # [V, H], shared with a tied LM head
         x = g.op("Gather", embed, ids, axis=0)  # [B, q, H]
-    for i in range(dims.num_layers):
-        x = decoder_layer(g, x, lambda n, t=False, i=i: weights.layer(i, n, t), dims.rms_eps, NH, KVH, D,
-                          (names[f"past_key.{i}"], names[f"past_value.{i}"]),
-                          (out_spec[f"new_key.{i}"], out_spec[f"new_value.{i}"]), cdims, tables, f"layers.{i}")
-
-    hidden = _rms_norm(g, x, g.weight("final_norm", weights.require("model.norm.weight")), dims.rms_eps)
+    layer_io = [((names[f"past_key.{i}"], names[f"past_value.{i}"]), (out_spec[f"new_key.{i}"], out_spec[f"new_value.{i}"]))
+                for i in range(dims.num_layers)]
+    final_norm = weights.require("model.norm.weight")
+    if fused:
+        if max_context < 1:
+            raise SpectrtError("the fused (matmulnbits) base graph needs max_context for its rotary tables")
+        tables = fused_tables(g, tree, shp, inv_freq, rope_scaling, max_context)
+        h = g.op("RMSNormalization", x, g.weight("layers.0.input_norm", weights.layer(0, "input_layernorm.weight")),
+                 axis=-1, epsilon=dims.rms_eps)
+        for i, (past, new) in enumerate(layer_io):
+            last = i + 1 == dims.num_layers
+            h, x = fused_decoder_layer(g, h, x, lambda n, t=False, i=i: weights.layer(i, n, t), dims, past, new, cdims,
+                                       tables, pos, final_norm if last else weights.layer(i + 1, "input_layernorm.weight"),
+                                       f"layers.{i}")
+        hidden = h
+    else:
+        tables = attention_tables(g, tree, pos, shp, inv_freq, rope_scaling, NH // KVH)
+        for i, (past, new) in enumerate(layer_io):
+            x = decoder_layer(g, x, lambda n, t=False, i=i: weights.layer(i, n, t), dims.rms_eps, NH, KVH, D,
+                              past, new, cdims, tables, f"layers.{i}")
+        hidden = _rms_norm(g, x, g.weight("final_norm", final_norm), dims.rms_eps)
     flat = g.op("Reshape", hidden, g.const([-1, dims.hidden]))  # [B*q, H]
     if quant is not None and "lm_head" in quant:
         logits = quant.matmul(g, flat, "lm_head", rank=2)  # [B*q, V]; the (float) embeddings stay for the Gather
@@ -162,4 +242,3 @@ def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray
     order = {s.name: n for n, s in enumerate(outs)}
     g.outputs.sort(key=lambda vi: order[vi.name])
     return g.model(producer)
-

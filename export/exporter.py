@@ -162,7 +162,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     with staged(out) as tmp:
         steps("building base.onnx")
         graph = build_base_graph(dims, HFWeights.from_model(model), inv_freq, rope_scale, dtype, o.opset, __version__,
-                                 quant=qweights)
+                                 quant=qweights, max_context=o.max_context)
         graphs = {"base": save_graph(graph, tmp, "base")}
         del graph
         steps("writing tokenizer and manifest")

@@ -36,6 +36,10 @@ class GraphBuilder:
         self._names.add(name)
         return name
 
+    def fresh(self, base: str) -> str:
+        """A fresh tensor name (for ops whose outputs are named by the caller)."""
+        return self._unique(base)
+
     def weight(self, name: str, array: np.ndarray, dtype: str | None = None) -> str:
         """A named initializer (a model weight), cast to the graph dtype unless ``dtype`` says otherwise."""
         arr = np.ascontiguousarray(np.asarray(array, dtype=np.dtype(dtype) if dtype else self.np_dtype))
@@ -82,13 +86,35 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(spec.name, ONNX_DTYPES[dtype], list(shape)))
         return spec.name
 
+    def _fold_output_identities(self) -> None:
+        """Name a node's output after the graph output its Identity copies, and drop the Identity (a copy
+        per call per output otherwise: ONNX Runtime keeps Identities that feed graph outputs)."""
+        produced = {o for n in self.nodes for o in n.output}
+        outputs = {vi.name for vi in self.outputs}
+        rename = {}
+        for n in self.nodes:
+            if (n.op_type == "Identity" and n.output[0] in outputs and n.input[0] in produced
+                    and n.input[0] not in outputs and n.input[0] not in rename):
+                rename[n.input[0]] = n.output[0]
+        if not rename:
+            return
+        kept = []
+        for n in self.nodes:
+            if n.op_type == "Identity" and rename.get(n.input[0]) == n.output[0]:
+                continue
+            n.input[:] = [rename.get(i, i) for i in n.input]
+            n.output[:] = [rename.get(o, o) for o in n.output]
+            kept.append(n)
+        self.nodes = kept
+
     def model(self, producer: str) -> onnx.ModelProto:
+        self._fold_output_identities()
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
         opsets = [helper.make_opsetid("", self.opset)] + [helper.make_opsetid(d, v) for d, v in self.domains.items()]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="spectrt", producer_version=producer)
         int4 = any(t.data_type == TensorProto.INT4 for t in self.initializers)
-        # IR 9: readable by onnxruntime >= 1.16 and TensorRT 10; the INT4 type needs IR 10
-        model.ir_version = min(model.ir_version, 10 if int4 else 9)
+        # IR 9: readable by onnxruntime >= 1.16 and TensorRT 10; the INT4 type needs IR 10, opset 23 IR 11
+        model.ir_version = min(model.ir_version, 11 if self.opset >= 23 else 10 if int4 else 9)
         return model
 
 

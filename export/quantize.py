@@ -68,7 +68,7 @@ class QuantSpec:
     block: int = DEFAULT_BLOCK
     format: str = DEFAULT_FORMAT  # matmulnbits | qdq
     lm_head: bool = False
-    row_pad: bool = True  # int4 MatMulNBits: one zero row more, so q = 1 runs the q > 1 kernel (see matmul)
+    row_pad: bool = True  # int4 MatMulNBits: the runner calls q = 1 as q = 2 (one kernel; see matmul)
     scheme: str = DEFAULT_SCHEME  # auto | symmetric | asymmetric | gguf (resolved by quantize_model)
     embeddings: bool = False  # GatherBlockQuantized input embeddings (a tied LM head shares them)
     awq: bool = False  # activation-aware scales before rounding (calibration.awq; not with the gguf scheme)
@@ -230,17 +230,32 @@ class QuantizedWeights:
                                            "uint8")
         return self._packed[id(t)]
 
+    def fuse(self, names: list[str], as_name: str, biases: list | None = None) -> np.ndarray | None:
+        """Replace the linears ``names`` (one input, same bits) by one whose outputs are theirs side by side
+        (``[K, N1 + N2 + ...]``): one MatMulNBits instead of several. Asymmetric parts keep their offsets
+        (zero for a symmetric part next to them). Returns the concatenated bias (None when none has one)."""
+        parts = [self.tensors.pop(n) for n in names]
+        if len({(t.q.shape[0], t.bits) for t in parts}) != 1:
+            raise SpectrtError(f"cannot fuse {names}: their inputs or bits differ")
+        offsets = None
+        if any(t.offset is not None for t in parts):
+            offsets = np.concatenate([t.offset if t.offset is not None else np.zeros_like(t.scales) for t in parts], 1)
+        self.tensors[as_name] = QuantizedLinear(np.concatenate([t.q for t in parts], 1),
+                                                np.concatenate([t.scales for t in parts], 1), parts[0].bits, offsets)
+        if biases is None or all(b is None for b in biases):
+            return None
+        return np.concatenate([b if b is not None else np.zeros(t.q.shape[1], np.float32) for b, t in zip(biases, parts)])
+
     def matmul(self, g, x: str, name: str, rank: int = 3) -> str:
         """``x @ W`` for the quantized weight ``name`` (``x`` of ``rank`` dims, rows on the next-to-last) in
         the spec's format; returns the output name.
 
-        Row padding (int4 MatMulNBits): ONNX Runtime 1.32's int4 kernel at accuracy level 4 takes another
-        code path for one row (M = 1) than for several, and the two differ in the last bits; the int8
-        activations it quantizes then turn that into visible logit changes, so a decode step (q = 1) and a
-        tree verification (q > 1) of the same token disagree at near-ties and speculative output stops
-        being AR's (measured: 4 of 6 prompts on SmolLM2). Rows are independent and bit-identical for any
-        M >= 2, so one zero row is appended and sliced off again: exact, at the price of the M = 2 kernel.
-        int8 (and fp32 compute) give the same bits for every M and need no padding."""
+        ONNX Runtime 1.32's int4 MatMulNBits at accuracy level 4 takes another code path for one row (M = 1)
+        than for several, and the two differ in the last bits; its int8 activations turn that into visible
+        logit changes, so a decode step (q = 1) and a tree verification (q > 1) of the same token would
+        disagree at near-ties (measured: 4 of 6 prompts on SmolLM2). Rows are independent and bit-identical
+        for any M >= 2, so such exports record ``row_pad`` and the runner gives every one-token call a
+        second, dummy row (``runtime.ort_runner``): one kernel for every call, no Pad/Slice per product."""
         t, s = self.tensors[name], self.spec
         K, N = t.q.shape
         scales = t.scales.astype(g.np_dtype)  # DequantizeLinear's output and MatMulNBits' scales: activation dtype
@@ -259,14 +274,8 @@ class QuantizedWeights:
         else:
             g.use_domain("com.microsoft", 1)
             sn = g.weight(f"{name}.weight_scale", np.ascontiguousarray(scales.T).reshape(-1), g.dtype)
-            pad = t.bits == 4 and s.pads_rows
-            xin = x
-            if pad:  # [..., q, K] -> [..., q + 1, K]
-                xin = g.op("Pad", x, g.const([0] * rank + [0] * (rank - 2) + [1, 0]), name=f"{name}.pad")
-            y = g.op("MatMulNBits", xin, self._nbits_data(g, name), sn, name=name, domain="com.microsoft", K=K, N=N,
+            y = g.op("MatMulNBits", x, self._nbits_data(g, name), sn, name=name, domain="com.microsoft", K=K, N=N,
                      bits=t.bits, block_size=s.block, accuracy_level=ACCURACY_LEVEL)
-            if pad:
-                y = g.op("Slice", y, g.const([0]), g.const([-1]), g.const([rank - 2]), name=f"{name}.unpad")
         if t.offset is not None:
             y = g.op("Add", y, self._offset_term(g, x, name, rank), name=f"{name}.offset_add")
         return y

@@ -277,7 +277,7 @@ class WeightsInfo:
     lm_head: bool = False  # the LM head is quantized too (8-bit blocks)
     scheme: str = "symmetric-rtn"  # the projections': symmetric-rtn | asymmetric-rtn | gguf (the source's blocks)
     accuracy_level: int | None = None  # MatMulNBits' accuracy_level (4: int8 activations)
-    row_pad: bool = False  # int4 MatMulNBits fed one extra zero row (same kernel for q = 1 and q > 1)
+    row_pad: bool = False  # int4 MatMulNBits: runners call q = 1 as q = 2 (same kernel for every call)
     embeddings: bool = False  # input embeddings quantized (GatherBlockQuantized; a tied LM head shares them)
     awq: bool = False  # activation-aware scales (calibration prompts) before rounding
 

@@ -106,13 +106,15 @@ class OrtKVRunner:
     """
 
     def __init__(self, artifact: Artifact, graph: str, max_q: int, provider: str = DEFAULT_PROVIDER,
-                 max_context: int | None = None, threads: int | None = None, spin: bool = True):
+                 max_context: int | None = None, threads: int | None = None, spin: bool = True,
+                 pad_single: bool = False):
         if max_q < 1:
             raise SpectrtError(f"max_q must be >= 1, got {max_q}")
         self.artifact, self.graph, self.spec = artifact, graph, graph_spec(graph)
         self.dims = artifact.dims(graph)
         self.max_q = max_q
         self.max_context = min(max_context or artifact.max_context, artifact.max_context)
+        self.pad_single = pad_single  # run q = 1 as q = 2 (see _padded)
         self.loader = SessionFromOnnx(artifact.graph_path(graph), provider, threads, spin)
         self.session = self.binding = None
         self.past = 0
@@ -120,13 +122,14 @@ class OrtKVRunner:
 
     def _buffer(self, spec) -> np.ndarray:
         """A flat buffer for one non-KV tensor at q = max_q (batch 1)."""
-        shape, dt = spec.resolve({**self.dims, "batch": 1, "q": self.max_q}, self.artifact.dtype)
+        shape, dt = spec.resolve({**self.dims, "batch": 1, "q": max(self.max_q, 2 if self.pad_single else 1)},
+                                 self.artifact.dtype)
         return np.zeros(int(np.prod(shape)), np.dtype(dt))
 
     def __enter__(self):
         self.session = self.loader()
         check_session(self.session, self.graph, self.dims, self.artifact.dtype)
-        kv = (self.max_context, 1, self.dims["kv_heads"], self.dims["head_dim"])
+        kv = (self.max_context + self.pad_single, 1, self.dims["kv_heads"], self.dims["head_dim"])  # + a dummy row
         layers = self.spec.num_kv_layers(self.dims)
         self.keys = [np.zeros(kv, self.artifact.dtype) for _ in range(layers)]
         self.values = [np.zeros(kv, self.artifact.dtype) for _ in range(layers)]
@@ -149,27 +152,41 @@ class OrtKVRunner:
         shape, _ = spec.resolve({**self.dims, "batch": 1, "q": q}, MODEL_DTYPE)
         return buffers[spec.name][:int(np.prod(shape))].reshape(shape)
 
+    def _padded(self, spec, arr: np.ndarray) -> np.ndarray:
+        """A one-token input as two rows: the token again, seeing only itself (a ``[q, q]`` mask gets a new
+        row and column, False except their diagonal). Graphs whose kernels take another code path for one
+        row than for several (int4 MatMulNBits, ``WeightsInfo.row_pad``) then compute a decode step exactly
+        as a row of a tree pass; the real row never sees the dummy (its column is masked: trailing masked
+        keys change no bits), and the dummy's KV lands past the tokens and is never committed."""
+        if spec.shape[1:3] == ("q", "q"):
+            out = np.eye(2, dtype=arr.dtype)
+            out[0, 0] = arr[0, 0]
+            return out
+        return np.concatenate([arr, arr[-1:]])
+
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         q = len(inputs[self.spec.inputs[0].name])
         if not 1 <= q <= self.max_q:
             raise SpectrtError(f"{self.graph} call with {q} tokens; this runner was sized for 1..{self.max_q}")
         if self.past + q > self.max_context:
             raise ContextFull(f"context limit reached: {self.past} + {q} tokens > max context {self.max_context}")
-        p = self.past
+        p, pad = self.past, self.pad_single and q == 1
+        rows = q + pad
         for s in self.spec.inputs:
-            view = self._view(self.inputs, s, q)
-            view[0] = inputs[s.name]
+            view = self._view(self.inputs, s, rows)
+            arr = np.asarray(inputs[s.name])
+            view[0] = self._padded(s, arr) if pad else arr
             self._bind(s.name, view)
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             self._bind(f"past_key.{i}", k[:p])
             self._bind(f"past_value.{i}", v[:p])
-            self._bind(f"new_key.{i}", k[p:p + q], output=True)
-            self._bind(f"new_value.{i}", v[p:p + q], output=True)
+            self._bind(f"new_key.{i}", k[p:p + rows], output=True)
+            self._bind(f"new_value.{i}", v[p:p + rows], output=True)
         out = {}
         for s in self.spec.outputs:
-            view = self._view(self.outputs, s, q)
+            view = self._view(self.outputs, s, rows)
             self._bind(s.name, view, output=True)
-            out[s.name] = view[0]
+            out[s.name] = view[0][:q]
         self.session.run_with_iobinding(self.binding)
         self._last_q = q
         return out
@@ -203,7 +220,9 @@ class OrtBaseRunner(OrtKVRunner):
 
     def __init__(self, artifact: Artifact, max_q: int, provider: str = DEFAULT_PROVIDER,
                  max_context: int | None = None, threads: int | None = None):
-        super().__init__(artifact, BASE.name, max_q, provider, max_context, threads, spin=True)
+        w = artifact.manifest.weights
+        super().__init__(artifact, BASE.name, max_q, provider, max_context, threads, spin=True,
+                         pad_single=w is not None and w.row_pad)
 
     def forward(self, input_ids, position_ids, tree_mask) -> BaseOutputs:
         """Run q new tokens after the current past; their KV lands in cache[past:past+q] (not committed)."""

@@ -15,7 +15,7 @@ from onnx import helper
 
 from spectrt.export.families import DecoderDims, HFWeights
 from spectrt.export.onnx_graph import ONNX_DTYPES, GraphBuilder
-from spectrt.runtime.contract import BASE
+from spectrt.runtime.contract import BASE, graph_spec
 from spectrt.runtime.errors import SpectrtError
 
 FUSED_OPSET = 23  # ONNX Attention and RotaryEmbedding (the matmulnbits form); ORT >= 1.23 runs them on CPU
@@ -24,11 +24,12 @@ FUSED_OPSET = 23  # ONNX Attention and RotaryEmbedding (the matmulnbits form); O
 class _Shapes:
     """Runtime dims computed once per graph from the inputs' shapes (1-D int64 tensors)."""
 
-    def __init__(self, g: GraphBuilder, ids: str, past_key0: str):
+    def __init__(self, g: GraphBuilder, ids: str, past_key0: str | None):
         ids_shape = g.op("Shape", ids)
         self.batch = g.op("Slice", ids_shape, g.const([0]), g.const([1]))
         self.q = g.op("Slice", ids_shape, g.const([1]), g.const([2]))
-        self.past = g.op("Slice", g.op("Shape", past_key0), g.const([0]), g.const([1]))
+        if past_key0 is not None:  # token-major past [P, B, ...]
+            self.past = g.op("Slice", g.op("Shape", past_key0), g.const([0]), g.const([1]))
 
 
 def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
@@ -136,83 +137,97 @@ def skip_norm(g: GraphBuilder, delta: str, x: str, weight: str, eps: float) -> t
     return h, total
 
 
-def fused_tables(g: GraphBuilder, tree: str, shp: _Shapes, inv_freq: np.ndarray, rope_scaling: float,
-                 max_context: int) -> tuple[str, str, str]:
-    """(mask [B, 1, q, P+q] bool, cos, sin [max_context, D/2]) for the fused layers: the past is visible, the
-    new tokens see what ``tree`` allows; rotary tables for every position the cache can hold, in fp32."""
-    past_true = g.op("ConstantOfShape", g.op("Concat", shp.batch, shp.q, shp.past, axis=0),
-                     value=helper.make_tensor("true", ONNX_DTYPES["bool"], [1], [True]))
-    mask = g.op("Unsqueeze", g.op("Concat", past_true, tree, axis=2), g.const([1]))
+def fused_tables(g: GraphBuilder, tree: str, past_length: str, shp: _Shapes, inv_freq: np.ndarray,
+                 rope_scaling: float, max_context: int) -> tuple[str, str, str, str, str]:
+    """(bias [B, 1, q, P+q], seqlens_k [B], total length, cos, sin [max_context, D/2]) for the fused layers.
+
+    GroupQueryAttention is causal over the slots (a tree's parents precede their children) and adds the bias:
+    0 over the past and where ``tree`` allows, finfo.min elsewhere. Rotary tables cover every position the
+    cache can hold, in fp32."""
+    minval = float(np.finfo(g.np_dtype).min)
+    past_zero = g.op("ConstantOfShape", g.op("Concat", shp.batch, shp.q, past_length, axis=0),
+                     value=helper.make_tensor("zero", ONNX_DTYPES[g.dtype], [1], [0]))
+    tree_bias = g.op("Where", tree, g.const(0.0, "model"), g.const(minval, "model"))  # [B, q, q]
+    bias = g.op("Unsqueeze", g.op("Concat", past_zero, tree_bias, axis=2), g.const([1]))
+    total = g.op("Add", past_length, shp.q)  # [B]: tokens in the cache after this call
+    seqlens = g.op("Cast", g.op("Sub", total, g.const([1])), to=ONNX_DTYPES["int32"])
+    total = g.op("Cast", g.op("ReduceMax", total, keepdims=0), to=ONNX_DTYPES["int32"])  # scalar
     freqs = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]  # [C, D/2]
     cos, sin = (np.cos(freqs) * np.float32(rope_scaling), np.sin(freqs) * np.float32(rope_scaling))
-    return mask, g.weight("rope_cos", cos), g.weight("rope_sin", sin)
+    return bias, seqlens, total, g.weight("rope_cos", cos), g.weight("rope_sin", sin)
 
 
-def fused_decoder_layer(g: GraphBuilder, h: str, x: str, param, dims: DecoderDims, past: tuple[str, str],
-                        new: tuple, cdims: dict, tables: tuple[str, str, str], pos: str, next_norm: np.ndarray,
+def fused_decoder_layer(g: GraphBuilder, h: str, x: str, param, dims: DecoderDims, cache: tuple[str, str],
+                        present: tuple, cdims: dict, tables: tuple, pos: str, next_norm: np.ndarray,
                         name: str) -> tuple[str, str]:
-    """One decoder layer in ONNX Runtime's fused ops (batch 1). ``h``: the normed input [1, q, H], ``x``: the
-    residual stream before it. Returns (h, x) for the next layer: ``next_norm`` (its input norm, or the
-    final norm) is applied by the closing SkipSimplifiedLayerNormalization, which also adds the residual."""
+    """One decoder layer in ONNX Runtime's fused ops (batch 1, in-place KV cache). ``h``: the normed input
+    [1, q, H], ``x``: the residual stream before it. Returns (h, x) for the next layer: ``next_norm`` (its
+    input norm, or the final norm) is applied by the closing SkipSimplifiedLayerNormalization, which also
+    adds the residual. ``cache``/``present``: this layer's contract KV input names and output specs."""
     D, KVH, NH, eps = dims.head_dim, dims.kv_heads, dims.num_heads, dims.rms_eps
-    mask, cos, sin = tables
+    bias, seqlens, total, cos, sin = tables
     quant = g.quant
     projs = [f"self_attn.{p}_proj" for p in "qkv"]
-    bias = quant.fuse([f"{name}.{p}_proj" for p in "qkv"], f"{name}.qkv_proj", [param(f"{p}.bias") for p in projs])
+    qkv_bias = quant.fuse([f"{name}.{p}_proj" for p in "qkv"], f"{name}.qkv_proj", [param(f"{p}.bias") for p in projs])
     qkv = quant.matmul(g, h, f"{name}.qkv_proj")  # [1, q, (NH + 2 KVH) D]
-    if bias is not None:
-        qkv = g.op("Add", qkv, g.weight(f"{name}.qkv_proj.bias", bias))
+    if qkv_bias is not None:
+        qkv = g.op("Add", qkv, g.weight(f"{name}.qkv_proj.bias", qkv_bias))
     q, k, v = g.op("Split", qkv, g.const([NH * D, KVH * D, KVH * D]), axis=-1, outputs=3)
-    q = g.op("RotaryEmbedding", q, cos, sin, pos, num_heads=NH)  # [1, q, NH D]
+    q = g.op("RotaryEmbedding", q, cos, sin, pos, num_heads=NH)  # [1, q, NH D]; positions: past + depth
     k = g.op("RotaryEmbedding", k, cos, sin, pos, num_heads=KVH)  # [1, q, KVH D]
-    kv_rows = g.const([-1, 1, KVH, D])  # [1, q, KVH D] -> token-major [q, 1, KVH, D]: the same bytes at batch 1
-    g.add_output(new[0], cdims, g.op("Reshape", k, kv_rows))
-    g.add_output(new[1], cdims, g.op("Reshape", v, kv_rows))
-    seq = g.const([1, -1, KVH * D])
-    keys = g.op("Concat", g.op("Reshape", past[0], seq), k, axis=1)  # [1, P+q, KVH D]
-    vals = g.op("Concat", g.op("Reshape", past[1], seq), v, axis=1)
-    ctx = g.op("Attention", q, keys, vals, mask, q_num_heads=NH, kv_num_heads=KVH, scale=float(1.0 / np.sqrt(D)))
+    g.add_output(present[0], cdims, None)
+    g.add_output(present[1], cdims, None)
+    ctx = g.op("GroupQueryAttention", q, k, v, cache[0], cache[1], seqlens, total, "", "", "", bias,
+               outputs=[g.fresh("attn_out"), present[0].name, present[1].name], domain="com.microsoft",
+               num_heads=NH, kv_num_heads=KVH, scale=float(1.0 / np.sqrt(D)))[0]  # [1, q, NH D]
     attn = _linear(g, ctx, None, param("self_attn.o_proj.bias"), f"{name}.o_proj")
     h, x = skip_norm(g, attn, x, g.weight(f"{name}.post_norm", param("post_attention_layernorm.weight")), eps)
-    bias = quant.fuse([f"{name}.gate_proj", f"{name}.up_proj"], f"{name}.gate_up_proj",
-                      [param("mlp.gate_proj.bias"), param("mlp.up_proj.bias")])
+    mlp_bias = quant.fuse([f"{name}.gate_proj", f"{name}.up_proj"], f"{name}.gate_up_proj",
+                          [param("mlp.gate_proj.bias"), param("mlp.up_proj.bias")])
     gate_up = quant.matmul(g, h, f"{name}.gate_up_proj")  # [1, q, 2 I]
-    if bias is not None:
-        gate_up = g.op("Add", gate_up, g.weight(f"{name}.gate_up_proj.bias", bias))
+    if mlp_bias is not None:
+        gate_up = g.op("Add", gate_up, g.weight(f"{name}.gate_up_proj.bias", mlp_bias))
     gate, up = g.op("Split", gate_up, g.const([dims.intermediate, dims.intermediate]), axis=-1, outputs=2)
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SiLU(gate) * up
     down = _linear(g, act, None, param("mlp.down_proj.bias"), f"{name}.down_proj")
     return skip_norm(g, down, x, g.weight(f"{name}.next_norm", next_norm), eps)
 
 
+def base_kv_layout(quant) -> str:
+    """The KV layout ``build_base_graph`` gives the export (contract: KV layout)."""
+    return "in-place" if quant is not None and quant.spec.format == "matmulnbits" else "token-major"
+
+
 def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray, rope_scaling: float,
                      dtype: str, opset: int, producer: str, quant=None, max_context: int = 0):
     """``quant``: an ``export.quantize.QuantizedWeights`` whose linears (and LM head) are emitted quantized;
     in its ``matmulnbits`` format the graph is ONNX Runtime's fused form (``fused_decoder_layer``, opset
-    ``FUSED_OPSET``, batch 1, rotary tables for ``max_context`` positions)."""
-    fused = quant is not None and quant.spec.format == "matmulnbits"
+    ``FUSED_OPSET``, batch 1, in-place KV layout, rotary tables for ``max_context`` positions)."""
+    fused = base_kv_layout(quant) == "in-place"
+    spec = graph_spec(BASE.name, base_kv_layout(quant))
     g = GraphBuilder("spectrt_base", FUSED_OPSET if fused else opset, dtype)
     g.quant = quant
     D, KVH, NH = dims.head_dim, dims.kv_heads, dims.num_heads
     cdims = {"hidden": dims.hidden, "vocab": dims.vocab, "kv_heads": KVH, "head_dim": D, **({"batch": 1} if fused else {})}
-    ins, outs = BASE.expand({"num_layers": dims.num_layers})
+    ins, outs = spec.expand({"num_layers": dims.num_layers})
     names = {s.name: g.add_input(s, cdims) for s in ins}
     out_spec = {s.name: s for s in outs}
     ids, pos, tree = names["input_ids"], names["position_ids"], names["tree_mask"]
-    shp = _Shapes(g, ids, "past_key.0")
+    shp = _Shapes(g, ids, None if fused else "past_key.0")
 
     if quant is not None and "embed_tokens" in quant:  # block-quantized table (shared with a quantized LM head)
         embed, x = None, quant.gather(g, ids, dims.hidden)  # [B, q, H]
     else:
         embed = g.weight("embed_tokens", weights.embed)  # [V, H], shared with a tied LM head
         x = g.op("Gather", embed, ids, axis=0)  # [B, q, H]
-    layer_io = [((names[f"past_key.{i}"], names[f"past_value.{i}"]), (out_spec[f"new_key.{i}"], out_spec[f"new_value.{i}"]))
+    kv_in, kv_out = [s.name for s in spec.per_layer_inputs], [s.name for s in spec.per_layer_outputs]
+    layer_io = [(tuple(names[n.format(layer=i)] for n in kv_in), tuple(out_spec[n.format(layer=i)] for n in kv_out))
                 for i in range(dims.num_layers)]
     final_norm = weights.require("model.norm.weight")
     if fused:
         if max_context < 1:
             raise SpectrtError("the fused (matmulnbits) base graph needs max_context for its rotary tables")
-        tables = fused_tables(g, tree, shp, inv_freq, rope_scaling, max_context)
+        tables = fused_tables(g, tree, names["past_length"], shp, inv_freq, rope_scaling, max_context)
         h = g.op("RMSNormalization", x, g.weight("layers.0.input_norm", weights.layer(0, "input_layernorm.weight")),
                  axis=-1, epsilon=dims.rms_eps)
         for i, (past, new) in enumerate(layer_io):

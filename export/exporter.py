@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from spectrt.export.base import build_base_graph
+from spectrt.export.base import base_kv_layout, build_base_graph
 from spectrt.export.draft_export import export_medusa, validate_medusa
 from spectrt.export.draft_graphs import DraftTarget
 from spectrt.export.families import HFWeights, decoder_dims, rope_tables
@@ -163,7 +163,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
         steps("building base.onnx")
         graph = build_base_graph(dims, HFWeights.from_model(model), inv_freq, rope_scale, dtype, o.opset, __version__,
                                  quant=qweights, max_context=o.max_context)
-        graphs = {"base": save_graph(graph, tmp, "base")}
+        graphs = {"base": save_graph(graph, tmp, "base", base_kv_layout(qweights))}
         del graph
         steps("writing tokenizer and manifest")
         manifest = Manifest(

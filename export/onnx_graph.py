@@ -9,7 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from spectrt.runtime.artifact import GraphRecord, file_record
-from spectrt.runtime.contract import TensorSpec, graph_spec, layer_spec
+from spectrt.runtime.contract import KV_LAYOUTS, TensorSpec, graph_spec, layer_spec
 from spectrt.runtime.errors import SpectrtError
 
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
@@ -79,10 +79,12 @@ class GraphBuilder:
         self._names.add(spec.name)
         return spec.name
 
-    def add_output(self, spec: TensorSpec, dims: dict, source: str) -> str:
-        """Expose ``source`` as the contract output ``spec`` (an Identity keeps names stable)."""
+    def add_output(self, spec: TensorSpec, dims: dict, source: str | None) -> str:
+        """Expose ``source`` as the contract output ``spec`` (an Identity keeps names stable; folded away
+        by ``model``). ``source`` None: a node names its output ``spec.name`` itself."""
         shape, dtype = spec.resolve(dims, self.dtype)
-        self.op("Identity", source, outputs=[spec.name], name=f"out_{spec.name}")
+        if source is not None:
+            self.op("Identity", source, outputs=[spec.name], name=f"out_{spec.name}")
         self.outputs.append(helper.make_tensor_value_info(spec.name, ONNX_DTYPES[dtype], list(shape)))
         return spec.name
 
@@ -130,9 +132,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[str]:
     return files
 
 
-def declared_dims(model: onnx.ModelProto, graph: str) -> dict[str, int]:
+def declared_dims(model: onnx.ModelProto, graph: str, kv_layout: str = KV_LAYOUTS[0]) -> dict[str, int]:
     """Every fixed dim of ``graph``'s contract spec, read from the model's declared input/output shapes."""
-    spec = graph_spec(graph)
+    spec = graph_spec(graph, kv_layout)
     specs = {s.name: s for s in spec.inputs + spec.outputs}
     specs.update({layer_spec(s, 0).name: s for s in spec.per_layer_inputs + spec.per_layer_outputs})
     dims: dict[str, int] = {}
@@ -143,15 +145,16 @@ def declared_dims(model: onnx.ModelProto, graph: str) -> dict[str, int]:
                 if dims.setdefault(d, dim.dim_value) != dim.dim_value:
                     raise SpectrtError(f"{graph}: dim '{d}' is {dims[d]} and {dim.dim_value} in one graph")
     if isinstance(spec.kv_layers, str):
-        dims[spec.kv_layers] = sum(1 for vi in model.graph.input if vi.name.startswith("past_key."))
+        first = layer_spec(spec.per_layer_inputs[0], 0).name[:-1]  # past_key. / cache_key.
+        dims[spec.kv_layers] = sum(1 for vi in model.graph.input if vi.name.startswith(first))
     missing = sorted(spec.fixed_dims() - set(dims))
     if missing:
         raise SpectrtError(f"{graph}: the built graph does not declare {', '.join(missing)}")
     return dims
 
 
-def save_graph(model: onnx.ModelProto, root: Path, name: str) -> GraphRecord:
-    """Save ``root/<name>.onnx`` (+ external data) and return its manifest record: files and fixed dims."""
-    dims = declared_dims(model, name)
+def save_graph(model: onnx.ModelProto, root: Path, name: str, kv_layout: str = KV_LAYOUTS[0]) -> GraphRecord:
+    """Save ``root/<name>.onnx`` (+ external data) and return its manifest record: files, fixed dims, KV layout."""
+    dims = declared_dims(model, name, kv_layout)
     files = save_model(model, Path(root) / f"{name}.onnx")
-    return GraphRecord(files=tuple(file_record(root, f) for f in files), dims=dims)
+    return GraphRecord(files=tuple(file_record(root, f) for f in files), dims=dims, kv_layout=kv_layout)

@@ -484,7 +484,7 @@ def check_artifact(root, profile: str | None = None, trt_version: str | None = N
     report = CheckReport(str(art.root), trt_version)
     for name in art.manifest.graphs:
         report.graphs.append(check_onnx(art.graph_path(name), name=name, trt_version=trt_version,
-                                        spec=graph_spec(name), dims=art.dims(name), dtype=art.dtype))
+                                        spec=art.spec(name), dims=art.dims(name), dtype=art.dtype))
     w = art.manifest.weights
     if w is not None and w.ort_only:  # one line instead of one per ORT-specific node
         base = next(g for g in report.graphs if g.name == "base")

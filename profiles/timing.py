@@ -31,7 +31,7 @@ import numpy as np
 from spectrt.profiles.device import ProfileError, load_profile
 from spectrt.profiles.shapes import effective_max_context
 from spectrt.runtime.artifact import atomic_write, load_artifact
-from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, graph_spec
+from spectrt.runtime.contract import BASE, DEFAULT_PREFILL_CHUNK, KV_LAYOUTS, graph_spec
 from spectrt.runtime.engines import engine_path, resolve_profile
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.trt_runner import TrtGraphRunner, TrtKVRunner
@@ -58,26 +58,30 @@ def random_tree_mask(q: int, rng) -> tuple[np.ndarray, np.ndarray]:
     return mask, depth
 
 
-def kv_feeds(graph: str, dims: dict, dtype: str, q: int, past: int, phase: str, rng) -> dict:
+def kv_feeds(graph: str, dims: dict, dtype: str, q: int, past: int, phase: str, rng,
+             kv_layout: str = KV_LAYOUTS[0]) -> dict:
     """Valid inputs of a KV graph (base, hydra_prefix) for q new tokens after ``past`` cached ones (batch 1).
-    ``phase``: "verify" uses a random tree mask, anything else a causal one."""
+    ``phase``: "verify" uses a random tree mask, anything else a causal one. An in-place cache gets room
+    for exactly the new rows (its ``present_*`` outputs are then separate buffers: ORT copies the past)."""
     if phase == "verify":
         mask, depth = random_tree_mask(q, rng)
     else:
         mask, depth = np.tril(np.ones((q, q), dtype=bool)), np.arange(q, dtype=np.int64)
-    spec = graph_spec(graph)
+    spec = graph_spec(graph, kv_layout)
     ins, _ = spec.expand(dims)
     feeds = {}
     for s in ins:
-        shape, dt = s.resolve({**dims, "batch": 1, "q": q, "past": past}, dtype)
+        shape, dt = s.resolve({**dims, "batch": 1, "q": q, "past": past, "capacity": past + q}, dtype)
         if s.name == "input_ids":
             feeds[s.name] = rng.integers(0, dims["vocab"], size=shape, dtype=np.int64)
         elif s.name == "position_ids":
             feeds[s.name] = (past + depth).astype(np.int64)[None]
         elif s.name == "tree_mask":
             feeds[s.name] = mask[None]
-        elif s.name.startswith("past_"):
+        elif s.name.startswith(("past_key", "past_value", "cache_")):
             feeds[s.name] = np.zeros(shape, dtype=dt)
+        elif s.name == "past_length":
+            feeds[s.name] = np.array([past], dtype=np.int64)
         else:
             feeds[s.name] = rng.standard_normal(shape).astype(dt)
     return feeds
@@ -262,7 +266,7 @@ def profile_artifact(root, backend: str = "ort", iterations: int = 20, warmup: i
                     progress(f"  skipped {g} {phase} n={n} past={past}: outside the engine's optimization profiles")
                     continue
                 if kv:
-                    feeds = kv_feeds(g, dims, art.dtype, n, past, phase, rng)
+                    feeds = kv_feeds(g, dims, art.dtype, n, past, phase, rng, art.graph(g).kv_layout)
                     point = {"graph": g, "phase": phase, "q": n, "past": past, "batch": 1}
                 else:
                     feeds = graph_feeds(g, dims, art.dtype, n, rng)

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spectrt.runtime.contract import CONTRACT_VERSION, FLOAT_DTYPES, graph_spec, has_spec
+from spectrt.runtime.contract import CONTRACT_VERSION, FLOAT_DTYPES, KV_LAYOUTS, GraphSpec, graph_spec, has_spec
 from spectrt.runtime.errors import ArtifactError
 
 MANIFEST = "manifest.json"
@@ -98,6 +98,7 @@ class GraphRecord:
 
     files: tuple[FileRecord, ...]
     dims: dict[str, int]
+    kv_layout: str = KV_LAYOUTS[0]  # token-major | in-place (contract: KV layout)
 
     @property
     def file(self) -> str:
@@ -113,6 +114,8 @@ class GraphRecord:
         bad = [k for k, v in self.dims.items() if v < 1]
         if bad:
             raise Invalid(f"dims.{bad[0]}: must be >= 1, got {self.dims[bad[0]]}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise Invalid(f"kv_layout: '{self.kv_layout}' is not one of {', '.join(KV_LAYOUTS)}")
 
 
 @dataclass(frozen=True)
@@ -388,7 +391,10 @@ class Manifest:
         for name, g in self.graphs.items():
             if not has_spec(name):
                 raise Invalid(f"graphs.{name}: not a graph of I/O contract {CONTRACT_VERSION}")
-            spec = graph_spec(name)
+            try:
+                spec = graph_spec(name, g.kv_layout)
+            except KeyError:
+                raise Invalid(f"graphs.{name}.kv_layout: '{g.kv_layout}' exists for the base graph only") from None
             missing = sorted(spec.fixed_dims() - set(g.dims))
             if missing:
                 raise Invalid(f"graphs.{name}.dims: no value for {', '.join(missing)}")
@@ -592,6 +598,10 @@ class Artifact:
     def dims(self, name: str) -> dict[str, int]:
         """Every fixed dim of graph ``name`` (resolved at export)."""
         return dict(self.graph(name).dims)
+
+    def spec(self, name: str) -> GraphSpec:
+        """The contract spec graph ``name`` was exported under (its KV layout)."""
+        return graph_spec(name, self.graph(name).kv_layout)
 
     def path(self, rel: str) -> Path:
         return self.root / rel

@@ -16,10 +16,18 @@ Dimension names
     depth     tokens on a drafted path so far, root included (fixed per Hydra head: head i sees i + 1)
     Fixed dims (hidden, vocab, kv_heads, head_dim, ...) are resolved from the manifest's model dims.
 
-KV layout: one cache per layer and per K/V, token-major ``[max_context, batch, kv_heads, head_dim]``.
-The graph's ``past_*`` inputs are the prefix view ``cache[:past]`` and its ``new_*`` outputs are bound to
-``cache[past:past + q]``: a contiguous slice right after the past, so no per-step copy or concat on the
-host. Rolling back is moving the integer ``past``.
+KV layout (``KV_LAYOUTS``, recorded per graph in the manifest), one cache per layer and per K/V:
+
+- ``token-major`` (every graph TensorRT builds): ``[max_context, batch, kv_heads, head_dim]``. The graph's
+  ``past_*`` inputs are the prefix view ``cache[:past]`` and its ``new_*`` outputs are bound to
+  ``cache[past:past + q]``: a contiguous slice right after the past, so no per-step copy or concat on the
+  host.
+- ``in-place`` (``base`` in ONNX Runtime's fused form, ``BASE_IN_PLACE``): head-major
+  ``[batch, kv_heads, capacity, head_dim]``, the whole cache bound as ``cache_*`` input and as ``present_*``
+  output (one buffer: ORT's GroupQueryAttention writes the q new rows at ``past_length`` and reads the
+  past where it lies, so the graph copies no past either).
+
+Rolling back is moving the integer ``past`` in both.
 
 Tree mask: ``tree_mask[b, i, j]`` is true when new token i may attend to new token j (a node sees its
 ancestors and itself). The past is always fully visible, so no ``[q, past + q]`` mask is shipped.
@@ -122,6 +130,29 @@ BASE = GraphSpec(
     kv_layers="num_layers",
 )
 
+KV_LAYOUTS = ("token-major", "in-place")
+KV_SHAPE_CACHE = ("batch", "kv_heads", "capacity", "head_dim")
+
+# The base graph with an in-place cache (ONNX Runtime's fused form, batch 1): the same tokens in and
+# logits out; the KV cache is one buffer per layer, input and output at once.
+BASE_IN_PLACE = GraphSpec(
+    name="base",
+    inputs=BASE.inputs + (
+        TensorSpec("past_length", ("batch",), "int64", "tokens already in the cache: the new rows go after them"),
+    ),
+    outputs=BASE.outputs,
+    per_layer_inputs=(
+        TensorSpec("cache_key.{layer}", KV_SHAPE_CACHE, MODEL_DTYPE, "the whole cache; the buffer of present_key"),
+        TensorSpec("cache_value.{layer}", KV_SHAPE_CACHE, MODEL_DTYPE, "the whole cache; the buffer of present_value"),
+    ),
+    per_layer_outputs=(
+        TensorSpec("present_key.{layer}", KV_SHAPE_CACHE, MODEL_DTYPE, "cache_key's buffer, rows past..past+q written"),
+        TensorSpec("present_value.{layer}", KV_SHAPE_CACHE, MODEL_DTYPE, "cache_value's buffer, rows past..past+q written"),
+    ),
+    dynamic=("batch", "q", "capacity"),
+    kv_layers="num_layers",
+)
+
 # Medusa heads: base hidden states -> the K heads' features (before the LM head).
 HEADS = GraphSpec(
     name="heads",
@@ -182,10 +213,16 @@ HYDRA_PREFIX = GraphSpec(
 GRAPHS = {g.name: g for g in (BASE, HEADS, DRAFT_LM_HEAD, HYDRA_HEAD, HYDRA_PREFIX)}
 
 
-def graph_spec(graph: str) -> GraphSpec:
-    """The spec of a graph file stem: ``hydra_head.2`` and ``hydra_lm_head.2`` follow their family's spec."""
+def graph_spec(graph: str, kv_layout: str = KV_LAYOUTS[0]) -> GraphSpec:
+    """The spec of a graph file stem: ``hydra_head.2`` and ``hydra_lm_head.2`` follow their family's spec;
+    ``kv_layout`` ``in-place`` exists for ``base`` only."""
     family = graph.split(".")[0]
-    return GRAPHS[{"hydra_lm_head": "draft_lm_head"}.get(family, family)]
+    spec = GRAPHS[{"hydra_lm_head": "draft_lm_head"}.get(family, family)]
+    if kv_layout == KV_LAYOUTS[0]:
+        return spec
+    if kv_layout == "in-place" and spec is BASE:
+        return BASE_IN_PLACE
+    raise KeyError(f"{graph}: no '{kv_layout}' KV layout")
 
 
 def has_spec(graph: str) -> bool:
@@ -206,9 +243,10 @@ DEFAULT_TOPK = 10
 def describe() -> str:
     """The contract as Markdown tables (used to generate docs/CONTRACT.md)."""
     lines = [f"# spectrt I/O contract v{CONTRACT_VERSION}", "", __doc__.strip(), ""]
-    for g in GRAPHS.values():
+    for g in list(GRAPHS.values()) + [BASE_IN_PLACE]:
         kv = f"; KV layers: {g.kv_layers}" if g.kv_layers else ""
-        lines += [f"## `{g.name}`", "", f"Files: {g.files or f'`{g.name}.onnx`'}. Dynamic dims: {', '.join(g.dynamic)}"
+        layout = " (in-place KV layout)" if g is BASE_IN_PLACE else ""
+        lines += [f"## `{g.name}`{layout}", "", f"Files: {g.files or f'`{g.name}.onnx`'}. Dynamic dims: {', '.join(g.dynamic)}"
                   f"{kv}. Fixed dims (recorded per graph in the manifest): {', '.join(sorted(g.fixed_dims()))}", "",
                   "| io | name | shape | dtype | atol | meaning |", "|---|---|---|---|---|---|"]
         rows = [("in", s) for s in g.inputs] + [("in", s) for s in g.per_layer_inputs]

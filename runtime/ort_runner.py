@@ -60,10 +60,10 @@ class SessionFromOnnx:
             raise ArtifactError(f"{self.path}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
 
 
-def check_session(session, graph: str, dims: dict, dtype: str) -> None:
+def check_session(session, graph: str, dims: dict, dtype: str, spec=None) -> None:
     """The graph's inputs/outputs must be the contract's (names, ranks, fixed dims, dtypes; an optional output
-    may be absent)."""
-    ins, outs = graph_spec(graph).expand(dims)
+    may be absent). ``spec``: the graph's spec when not the default layout's (``Artifact.spec``)."""
+    ins, outs = (spec or graph_spec(graph)).expand(dims)
     for kind, specs, actual in (("input", ins, session.get_inputs()), ("output", outs, session.get_outputs())):
         got = {a.name: a for a in actual}
         missing, extra = io_mismatch(specs, got)
@@ -101,8 +101,9 @@ class OrtKVRunner:
     """A contract graph with a KV cache (``base`` or ``hydra_prefix``) at batch 1. Use inside ``with``.
 
     ``run(**inputs)`` binds the q new tokens' inputs (``[q, ...]`` arrays, copied into pre-allocated buffers),
-    ``past_*`` to ``cache[:past]`` and ``new_*`` into ``cache[past:past+q]``; it returns ``[q, ...]`` views of
-    the outputs, valid until the next call.
+    ``past_*`` to ``cache[:past]`` and ``new_*`` into ``cache[past:past+q]`` (token-major layout), or the
+    whole head-major cache as both ``cache_*`` and ``present_*`` with ``past_length`` (in-place layout); it
+    returns ``[q, ...]`` views of the outputs, valid until the next call.
     """
 
     def __init__(self, artifact: Artifact, graph: str, max_q: int, provider: str = DEFAULT_PROVIDER,
@@ -110,7 +111,8 @@ class OrtKVRunner:
                  pad_single: bool = False):
         if max_q < 1:
             raise SpectrtError(f"max_q must be >= 1, got {max_q}")
-        self.artifact, self.graph, self.spec = artifact, graph, graph_spec(graph)
+        self.artifact, self.graph, self.spec = artifact, graph, artifact.spec(graph)
+        self.in_place = artifact.graph(graph).kv_layout == "in-place"  # one head-major buffer, input and output
         self.dims = artifact.dims(graph)
         self.max_q = max_q
         self.max_context = min(max_context or artifact.max_context, artifact.max_context)
@@ -128,14 +130,19 @@ class OrtKVRunner:
 
     def __enter__(self):
         self.session = self.loader()
-        check_session(self.session, self.graph, self.dims, self.artifact.dtype)
-        kv = (self.max_context + self.pad_single, 1, self.dims["kv_heads"], self.dims["head_dim"])  # + a dummy row
+        check_session(self.session, self.graph, self.dims, self.artifact.dtype, self.spec)
+        rows, kvh, hd = self.max_context + self.pad_single, self.dims["kv_heads"], self.dims["head_dim"]  # + a dummy row
+        kv = (1, kvh, rows, hd) if self.in_place else (rows, 1, kvh, hd)
         layers = self.spec.num_kv_layers(self.dims)
         self.keys = [np.zeros(kv, self.artifact.dtype) for _ in range(layers)]
         self.values = [np.zeros(kv, self.artifact.dtype) for _ in range(layers)]
         self.inputs = {s.name: self._buffer(s) for s in self.spec.inputs}
         self.outputs = {s.name: self._buffer(s) for s in self.spec.outputs}
         self.binding = self.session.io_binding()
+        for i, (k, v) in enumerate(zip(self.keys, self.values) if self.in_place else ()):
+            for name, c in ((f"key.{i}", k), (f"value.{i}", v)):  # the whole buffer, as input and as output
+                self._bind(f"cache_{name}", c)
+                self._bind(f"present_{name}", c, output=True)
         self.past = 0
         return self
 
@@ -172,12 +179,14 @@ class OrtKVRunner:
             raise ContextFull(f"context limit reached: {self.past} + {q} tokens > max context {self.max_context}")
         p, pad = self.past, self.pad_single and q == 1
         rows = q + pad
+        if self.in_place:
+            inputs = {**inputs, "past_length": np.int64(p)}
         for s in self.spec.inputs:
             view = self._view(self.inputs, s, rows)
             arr = np.asarray(inputs[s.name])
-            view[0] = self._padded(s, arr) if pad else arr
+            view[0] = self._padded(s, arr) if pad and "q" in s.shape else arr
             self._bind(s.name, view)
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+        for i, (k, v) in enumerate(zip(self.keys, self.values) if not self.in_place else ()):  # in-place: bound once
             self._bind(f"past_key.{i}", k[:p])
             self._bind(f"past_value.{i}", v[:p])
             self._bind(f"new_key.{i}", k[p:p + rows], output=True)
@@ -198,7 +207,10 @@ class OrtKVRunner:
             if r != i:  # only out-of-place accepted rows move
                 for cache in (self.keys, self.values):
                     for c in cache:
-                        c[p + i] = c[p + r]
+                        if self.in_place:  # [1, kv_heads, rows, head_dim]
+                            c[:, :, p + i] = c[:, :, p + r]
+                        else:  # [rows, 1, kv_heads, head_dim]
+                            c[p + i] = c[p + r]
         self.past = p + len(rows)
         self._last_q = 0
 
@@ -250,11 +262,11 @@ class OrtGraphRunner:
         self.artifact, self.graph, self.max_batch = artifact, graph, max_batch
         self.dims = artifact.dims(graph)
         self.loader = SessionFromOnnx(artifact.graph_path(graph), provider, threads, spin=False)
-        self.spec = graph_spec(graph)
+        self.spec = artifact.spec(graph)
 
     def __enter__(self):
         self.session = self.loader()
-        check_session(self.session, self.graph, self.dims, self.artifact.dtype)
+        check_session(self.session, self.graph, self.dims, self.artifact.dtype, self.spec)
         self.binding = self.session.io_binding()
         self.outputs = {}
         have = {o.name for o in self.session.get_outputs()}

@@ -211,13 +211,16 @@ def test_graph_forms_and_bytes(quant_exports):
         ops[name] = {n.op_type for n in m.graph.node}
     assert "MatMulNBits" in ops["int4-matmulnbits"] and "DequantizeLinear" not in ops["int4-matmulnbits"]
     assert "DequantizeLinear" in ops["int4-qdq"] and "MatMulNBits" not in ops["int4-qdq"]
-    # matmulnbits graphs are ONNX Runtime's fused form (fused QKV / gate-up, Attention, RotaryEmbedding);
-    # qdq keeps the standard ops TensorRT parses
+    # matmulnbits graphs are ONNX Runtime's fused form (fused QKV / gate-up, GroupQueryAttention on an
+    # in-place cache, RotaryEmbedding); qdq keeps the standard ops and the token-major cache TensorRT takes
     m4 = onnx.load(str(quant_exports["int4-matmulnbits"] / "base.onnx"), load_external_data=False)
-    assert {"Attention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops["int4-matmulnbits"]
+    fused = {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"}
+    assert fused <= ops["int4-matmulnbits"]
     layer_products = [n for n in m4.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("layers.")]
     assert len(layer_products) == 4 * 2  # 2 layers: qkv, o, gate_up, down
-    assert not {"Attention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} & ops["int4-qdq"]
+    assert not fused & ops["int4-qdq"]
+    assert load_artifact(quant_exports["int4-matmulnbits"]).graph("base").kv_layout == "in-place"
+    assert load_artifact(quant_exports["int4-qdq"]).graph("base").kv_layout == "token-major"
     assert "Pad" not in ops["int4-matmulnbits"]  # one-token calls are padded by the runner, not per product
     assert load_artifact(quant_exports["int4-matmulnbits"]).manifest.weights.row_pad
     size = {n: load_artifact(p).graph("base").bytes for n, p in quant_exports.items()}

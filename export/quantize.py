@@ -68,7 +68,7 @@ class QuantSpec:
     block: int = DEFAULT_BLOCK
     format: str = DEFAULT_FORMAT  # matmulnbits | qdq
     lm_head: bool = False
-    row_pad: bool = True  # int4 MatMulNBits: the runner calls q = 1 as q = 2 (one kernel; see matmul)
+    row_pad: bool = True  # matmulnbits: the runner calls q = 1 as q = 2 (one kernel; see matmul)
     scheme: str = DEFAULT_SCHEME  # auto | symmetric | asymmetric | gguf (resolved by quantize_model)
     embeddings: bool = False  # GatherBlockQuantized input embeddings (a tied LM head shares them)
     awq: bool = False  # activation-aware scales before rounding (calibration.awq; not with the gguf scheme)
@@ -118,7 +118,9 @@ class QuantSpec:
 
     @property
     def pads_rows(self) -> bool:
-        return self.row_pad and self.kind == "int4" and self.format == "matmulnbits"
+        """matmulnbits exports (ONNX Runtime's fused graph): its int4 MatMulNBits and GroupQueryAttention
+        both have a one-row path that rounds differently (see ``matmul``)."""
+        return self.row_pad and self.quantized and self.format == "matmulnbits"
 
 
 def _blocks(k: int, block: int) -> int:
@@ -253,9 +255,10 @@ class QuantizedWeights:
         ONNX Runtime 1.32's int4 MatMulNBits at accuracy level 4 takes another code path for one row (M = 1)
         than for several, and the two differ in the last bits; its int8 activations turn that into visible
         logit changes, so a decode step (q = 1) and a tree verification (q > 1) of the same token would
-        disagree at near-ties (measured: 4 of 6 prompts on SmolLM2). Rows are independent and bit-identical
-        for any M >= 2, so such exports record ``row_pad`` and the runner gives every one-token call a
-        second, dummy row (``runtime.ort_runner``): one kernel for every call, no Pad/Slice per product."""
+        disagree at near-ties (measured: 4 of 6 prompts on SmolLM2). GroupQueryAttention (the fused graph's
+        attention) has a one-token path of its own too (int8 exports: 4 of 4 prompts). Rows are independent
+        and bit-identical for any M >= 2, so matmulnbits exports record ``row_pad`` and the runner gives
+        every one-token call a second, dummy row (``runtime.ort_runner``): one kernel for every call."""
         t, s = self.tensors[name], self.spec
         K, N = t.q.shape
         scales = t.scales.astype(g.np_dtype)  # DequantizeLinear's output and MatMulNBits' scales: activation dtype

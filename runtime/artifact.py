@@ -280,7 +280,7 @@ class WeightsInfo:
     lm_head: bool = False  # the LM head is quantized too (8-bit blocks)
     scheme: str = "symmetric-rtn"  # the projections': symmetric-rtn | asymmetric-rtn | gguf (the source's blocks)
     accuracy_level: int | None = None  # MatMulNBits' accuracy_level (4: int8 activations)
-    row_pad: bool = False  # int4 MatMulNBits: runners call q = 1 as q = 2 (same kernel for every call)
+    row_pad: bool = False  # runners call q = 1 as q = 2 (ORT's one-row kernels round differently)
     embeddings: bool = False  # input embeddings quantized (GatherBlockQuantized; a tied LM head shares them)
     awq: bool = False  # activation-aware scales (calibration prompts) before rounding
 
@@ -367,7 +367,7 @@ class Manifest:
     contract_version: str
     model: ModelInfo
     dtype: str  # float32 | float16
-    opset: int
+    opset: int  # of the graphs (an ORT-fused base graph, kv_layout in-place, is written at opset 23)
     max_context: int
     graphs: dict[str, GraphRecord]
     tokenizer: TokenizerInfo

@@ -338,3 +338,51 @@ def test_element_bytes_match_the_stored_tensors(kind, scheme):
     t = quantize_blocks(w, bits, 32, asymmetric=scheme != "symmetric-rtn")
     assert t.nbytes() / w.size == info.element_bytes()
     assert quantize_blocks(w, 8, 32).nbytes() / w.size == info.element_bytes(vocab=True)
+
+
+def test_in_place_cache_moves_out_of_place_rows(quant_exports):
+    """ORT-fused graphs keep the cache in place (one head-major buffer per layer, input and output); a commit
+    of tree rows that are not in place moves them, so the next call sees the past a causal run of the
+    accepted path leaves."""
+    from spectrt.runtime.ort_runner import OrtBaseRunner
+
+    art = load_artifact(quant_exports["int8-matmulnbits-head-b128"])  # int8: one kernel for any row count
+    assert art.graph("base").kv_layout == "in-place"
+    prompt = [5, 9, 13, 2]
+    tree = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)  # root; a and b both under it
+    with OrtBaseRunner(art, max_q=8) as run:
+        run.forward(np.array(prompt), np.arange(4), np.tri(4, dtype=bool))
+        run.commit(range(4))
+        run.forward(np.array([7, 11, 3]), np.array([4, 5, 5]), tree)
+        run.commit([0, 2])  # root and b: b moves from slot 2 to slot 1
+        after_tree = run.forward(np.array([8]), np.array([6]), np.ones((1, 1), bool)).logits.copy()
+        run.reset()
+        run.forward(np.array(prompt + [7, 3]), np.arange(6), np.tri(6, dtype=bool))
+        run.commit(range(6))
+        causal = run.forward(np.array([8]), np.array([6]), np.ones((1, 1), bool)).logits.copy()
+        run.rollback(2)  # without the move the past would hold a's row: a different prediction
+        run.forward(np.array([7, 11]), np.array([4, 5]), np.tri(2, dtype=bool))
+        run.commit(range(2))
+        wrong = run.forward(np.array([8]), np.array([6]), np.ones((1, 1), bool)).logits.copy()
+    np.testing.assert_allclose(after_tree, causal, atol=1e-3)
+    assert np.abs(wrong - causal).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["int4-matmulnbits", "int8-matmulnbits-head-b128", "int4-embeddings"])
+def test_one_token_call_is_a_row_of_a_chunk(quant_exports, name):
+    """Speculative == AR rests on this: a token decoded alone gives bit for bit the logits it gets as the last
+    row of a causal chunk (ORT's one-row kernels -- int4 MatMulNBits, GroupQueryAttention's decode path --
+    round differently, so the runner gives one-token calls a dummy second row)."""
+    from spectrt.runtime.ort_runner import OrtBaseRunner
+
+    art = load_artifact(quant_exports[name])
+    assert art.manifest.weights.row_pad
+    prompt = [5, 9, 13, 2, 7]
+    with OrtBaseRunner(art, max_q=8) as run:
+        run.forward(np.array(prompt), np.arange(5), np.tri(5, dtype=bool))
+        run.commit(range(5))
+        chunk = run.forward(np.array([11, 3]), np.array([5, 6]), np.tri(2, dtype=bool)).logits[1].copy()
+        run.forward(np.array([11]), np.array([5]), np.ones((1, 1), bool))
+        run.commit([0])
+        alone = run.forward(np.array([3]), np.array([6]), np.ones((1, 1), bool)).logits[0].copy()
+    np.testing.assert_array_equal(alone, chunk)

@@ -53,9 +53,10 @@ from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT
                    "or asymmetric)")
 @click.option("--calibration-prompts", default=None, metavar="FILE", show_default="the bundled calibration set",
               help="JSONL prompts for --awq (never benchmark text)")
-@click.option("--int4-row-pad/--no-int4-row-pad", "row_pad", default=True,
-              help="int4 matmulnbits: the runtime runs one-token calls with a dummy second row, so ORT's int4 "
-                   "kernel sees at least 2 rows and decode (q = 1) and tree verification compute the same numbers: "
+@click.option("--row-pad/--no-row-pad", "row_pad", default=True,
+              help="matmulnbits: the runtime runs one-token calls with a dummy second row, so ORT's kernels (int4 "
+                   "MatMulNBits, GroupQueryAttention) see at least 2 rows and decode (q = 1) and tree verification "
+                   "compute the same numbers: "
                    "speculative output stays AR's; off makes AR faster but speculative output may differ at near-ties")
 def command(model, output, block, calibration_prompts, **options) -> int:
     """Export MODEL to DIR: base.onnx (+ heads.onnx, draft_lm_head.onnx), the tokenizer and manifest.json,

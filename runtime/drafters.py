@@ -176,10 +176,17 @@ def heads_drafter(artifact: Artifact, tree: Tree | DynamicTree, runners: Runners
 
 def drafter_for(artifact: Artifact, tree: Tree | DynamicTree | None, runners: Runners, draft: str = "heads"):
     """``draft``: "heads" (the export's heads on ``tree``), "lookup" (context drafting, no weights) or
-    "heads+lookup" (the lookup chain first, then the heads' tree, merged)."""
+    "heads+lookup" (the lookup first, then the heads' tree, merged). With a static tree the lookup's chain
+    comes on top of the tree's nodes; a dynamic tree's node budget is shared: the lookup sized to it
+    (``LookupDrafter.for_budget``: longer chains and other matches' branches for big budgets), the heads'
+    tree grown in what is left."""
     if draft not in DRAFT_SOURCES:
         raise SpectrtError(f"unknown draft source '{draft}' (choose from {', '.join(DRAFT_SOURCES)})")
     if draft == "lookup":
         return LookupDrafter()
     heads = heads_drafter(artifact, tree, runners)
-    return heads if draft == "heads" else MergedDrafter([LookupDrafter(), heads])
+    if draft == "heads":
+        return heads
+    if isinstance(tree, DynamicTree):
+        return MergedDrafter([LookupDrafter.for_budget(tree.size), heads], tree.size)
+    return MergedDrafter([LookupDrafter(), heads])

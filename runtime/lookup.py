@@ -6,7 +6,8 @@ an index n-gram -> end position of its most recent occurrence, updated per token
 step costs a few dict lookups, never a rescan of the context. To draft after ``root`` it matches the last
 n tokens of ``history + [root]`` (n = max_ngram down to min_ngram) and proposes the ``max_tokens`` tokens
 that followed the most recent earlier occurrence, as one chain (a match close to the end repeats its
-period); no match: the root alone (a step then costs what an autoregressive step costs).
+period); with ``branches`` > 1 also earlier occurrences' continuations (other next tokens) as sibling chains;
+no match: the root alone (a step then costs what an autoregressive step costs).
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from spectrt.runtime.tree import ROOT_ONLY, Draft, Tree
 DEFAULT_MAX_NGRAM = 3
 DEFAULT_MIN_NGRAM = 1
 DEFAULT_MAX_TOKENS = 4  # measured on SmolLM2 CPU: 4 beat 2 and 8 (a longer chain costs more verify than it gains)
+# node budget >= b: (chain tokens, branches) of a lookup sharing that budget with the heads' dynamic tree;
+# the best measured per budget by docs/results/tree_budget_sweep.py (SmolLM2, Hydra++ and Medusa alike)
+BUDGET_SIZES = ((64, 16, 3), (32, 8, 3), (16, 8, 1))
 
 
 class NgramIndex:
@@ -31,15 +35,15 @@ class NgramIndex:
 
     def reset(self) -> None:
         self.tokens: list[int] = []
-        self.last: dict[tuple, int] = {}  # n-gram (any n) -> position after its most recent occurrence
+        self.ends: dict[tuple, list[int]] = {}  # n-gram (any n) -> positions after its occurrences, oldest first
 
     def extend(self, tokens) -> None:
-        seq, last = self.tokens, self.last
+        seq, ends = self.tokens, self.ends
         for t in tokens:
             seq.append(int(t))
             end = len(seq)
             for n in range(self.min_n, min(self.max_n, end) + 1):
-                last[tuple(seq[end - n:end])] = end
+                ends.setdefault(tuple(seq[end - n:end]), []).append(end)
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` tokens of the history (the index is rebuilt: O(length))."""
@@ -50,31 +54,51 @@ class NgramIndex:
     def continuation(self, root: int, k: int) -> list[int]:
         """``k`` tokens that followed the most recent earlier occurrence of the longest matching
         suffix of ``history + [root]`` (n from max_n down to min_n); [] when nothing matches."""
-        seq = self.tokens
+        found = self.continuations(root, k, 1)
+        return found[0] if found else []
+
+    def continuations(self, root: int, k: int, branches: int) -> list[list[int]]:
+        """Up to ``branches`` continuations of ``history + [root]`` (``k`` tokens each) with distinct first
+        tokens: longest matching suffix first, most recent occurrence first."""
+        seq, out, firsts = self.tokens, [], set()
         for n in range(min(self.max_n, len(seq) + 1), self.min_n - 1, -1):
             key = tuple(seq[len(seq) - n + 1:]) + (root,) if n > 1 else (root,)
-            end = self.last.get(key)
-            if end is not None:
+            for end in reversed(self.ends.get(key, ())):
                 # what followed the match, then (if that runs into the root) the same period again:
                 # full = history + [root] is predicted to continue as full[end + i % period]
                 period = len(seq) + 1 - end
-                return [seq[j] if j < len(seq) else root for j in (end + i % period for i in range(k))]
-        return []
+                cont = [seq[j] if j < len(seq) else root for j in (end + i % period for i in range(k))]
+                if cont and cont[0] not in firsts:
+                    firsts.add(cont[0])
+                    out.append(cont)
+                    if len(out) == branches:
+                        return out
+        return out
 
 
 class LookupDrafter:
-    """Drafts the continuation of the last n-gram's most recent match in the context as one chain."""
+    """Drafts continuations of the last n-gram's matches in the context: the most recent match's as one chain
+    of up to ``max_tokens``, and with ``branches`` > 1 other matches' (distinct next tokens) as sibling chains
+    in whatever budget is left."""
 
     def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS, max_ngram: int = DEFAULT_MAX_NGRAM,
-                 min_ngram: int = DEFAULT_MIN_NGRAM):
-        if max_tokens < 1:
-            raise SpectrtError(f"lookup drafter: max_tokens must be at least 1, not {max_tokens}")
-        self.max_tokens = max_tokens
+                 min_ngram: int = DEFAULT_MIN_NGRAM, branches: int = 1):
+        if max_tokens < 1 or branches < 1:
+            raise SpectrtError(f"lookup drafter: max_tokens and branches must be at least 1, not {max_tokens}, {branches}")
+        self.max_tokens, self.branches = max_tokens, branches
         self.index = NgramIndex(max_ngram, min_ngram)
+
+    @classmethod
+    def for_budget(cls, budget: int) -> "LookupDrafter":
+        """The lookup sized for a tree of ``budget`` nodes (``BUDGET_SIZES``; below them the default chain)."""
+        for least, tokens, branches in BUDGET_SIZES:
+            if budget >= least:
+                return cls(tokens, branches=branches)
+        return cls()
 
     @property
     def max_nodes(self) -> int:
-        return 1 + self.max_tokens
+        return 1 + self.max_tokens * self.branches
 
     def __enter__(self):
         return self
@@ -92,10 +116,18 @@ class LookupDrafter:
         self.index.truncate(len(self.index.tokens) - n)
 
     def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
-        chain = self.index.continuation(int(root), min(self.max_tokens, budget - 1))  # [<= max_tokens]
-        if not chain:
+        chains = self.index.continuations(int(root), min(self.max_tokens, budget - 1), self.branches)
+        if not chains:
             return Draft(np.array([root], np.int64), ROOT_ONLY)
-        return Draft(np.array([root] + chain, np.int64), Tree.chain(len(chain)))
+        tokens, parent = [int(root)], [-1]
+        for chain in chains:  # sibling chains under the root, while the budget lasts
+            chain = chain[:budget - len(tokens)]
+            for i, t in enumerate(chain):
+                parent.append(0 if i == 0 else len(tokens) - 1)
+                tokens.append(t)
+            if len(tokens) >= budget:
+                break
+        return Draft(np.array(tokens, np.int64), Tree.from_parents(parent))
 
 
-__all__ = ["LookupDrafter", "NgramIndex", "DEFAULT_MAX_NGRAM", "DEFAULT_MIN_NGRAM", "DEFAULT_MAX_TOKENS"]
+__all__ = ["LookupDrafter", "NgramIndex", "BUDGET_SIZES", "DEFAULT_MAX_NGRAM", "DEFAULT_MIN_NGRAM", "DEFAULT_MAX_TOKENS"]

@@ -78,6 +78,30 @@ def test_lookup_drafter_chain_and_budget():
     assert d.draft(11, H, budget=5).tree.size == 1
 
 
+def test_branches_are_other_matches():
+    """branches > 1: earlier occurrences with other next tokens become sibling chains, longest n-gram and
+    most recent first; the budget cuts the later chains."""
+    idx = NgramIndex(max_n=2, min_n=1)
+    idx.extend([5, 6, 1, 9, 5, 6, 2, 7, 5, 6, 2, 8, 3, 5])
+    # after root 6: (5, 6) occurred three times, followed by 2 8, 2 7 and 1 9: distinct next tokens 2 and 1
+    assert idx.continuations(6, 2, 3) == [[2, 8], [1, 9]]
+    assert idx.continuations(6, 2, 1) == [idx.continuation(6, 2)] == [[2, 8]]
+    d = LookupDrafter(max_tokens=2, max_ngram=2, branches=3)
+    d.observe(H[None], np.array([5, 6, 1, 9, 5, 6, 2, 7, 5, 6, 2, 8, 3, 5]))
+    draft = d.draft(6, H, budget=d.max_nodes)
+    assert draft.tokens.tolist() == [6, 2, 8, 1, 9] and draft.tree.parent.tolist() == [-1, 0, 1, 0, 3]
+    assert d.draft(6, H, budget=4).tokens.tolist() == [6, 2, 8, 1]  # the second chain cut by the budget
+
+
+def test_lookup_sized_to_the_budget():
+    from spectrt.runtime.lookup import BUDGET_SIZES, DEFAULT_MAX_TOKENS
+
+    assert (LookupDrafter.for_budget(8).max_tokens, LookupDrafter.for_budget(8).branches) == (DEFAULT_MAX_TOKENS, 1)
+    for least, tokens, branches in BUDGET_SIZES:
+        d = LookupDrafter.for_budget(least)
+        assert (d.max_tokens, d.branches) == (tokens, branches) and d.max_nodes <= least
+
+
 # ----------------------------------------------------------------------------- token trees and merging
 
 def test_from_parents_tree():
@@ -166,11 +190,11 @@ def repeating_prompt(reference, m):
 
 
 @pytest.mark.parametrize("ctx", [None, 60, 75])
-@pytest.mark.parametrize("max_tokens,max_ngram", [(8, 3), (3, 2), (1, 1)])
-def test_lookup_equals_ar(llama, reference, ctx, max_tokens, max_ngram):
+@pytest.mark.parametrize("max_tokens,max_ngram,branches", [(8, 3, 1), (3, 2, 1), (1, 1, 1), (6, 2, 3)])
+def test_lookup_equals_ar(llama, reference, ctx, max_tokens, max_ngram, branches):
     prompt = repeating_prompt(reference, 10)[-40:] if ctx else repeating_prompt(reference, 10)
     ar = generate(llama, prompt, 80, max_context=ctx)
-    spec = generate(llama, prompt, 80, LookupDrafter(max_tokens, max_ngram), max_context=ctx)
+    spec = generate(llama, prompt, 80, LookupDrafter(max_tokens, max_ngram, branches=branches), max_context=ctx)
     assert spec.tokens == ar.tokens and spec.stop_reason == ar.stop_reason
     assert spec.steps <= ar.steps
 

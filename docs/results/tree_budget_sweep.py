@@ -31,6 +31,7 @@ from spectrt.runtime.session import SessionConfig, SpecSession
 from spectrt.runtime.tree import DEFAULT_BEAM, DynamicTree
 
 BUDGETS = (2, 4, 8, 16, 32, 64)
+LOOKUP_VARIANTS = ((8, 1), (16, 1), (8, 3), (16, 3))  # (chain tokens, branches), where they fit the budget
 CHUNK = 64  # prefill chunk, as the sessions default
 
 
@@ -85,9 +86,14 @@ def drafters(session, budget, beam):
     d = art.draft
     static = heads_drafter(art, choose_tree(str(budget), Path(d.source), d.num_heads, d.topk), session.runners)
     dynamic = heads_drafter(art, DynamicTree(budget, beam), session.runners)
-    return {"static": static, "dynamic": dynamic,
-            "static+lookup": MergedDrafter([LookupDrafter(), static], budget),
-            "dynamic+lookup": MergedDrafter([LookupDrafter(), dynamic], budget)}
+    out = {"static": static, "dynamic": dynamic,
+           "static+lookup": MergedDrafter([LookupDrafter(), static], budget),
+           "dynamic+lookup": MergedDrafter([LookupDrafter(), dynamic], budget)}
+    for tokens, branches in LOOKUP_VARIANTS:  # the lookup sized to the budget: longer chains, other matches
+        if 1 + tokens * branches <= budget:
+            out[f"dynamic+lookup{tokens}x{branches}"] = MergedDrafter([LookupDrafter(tokens, branches=branches), dynamic],
+                                                                      budget)
+    return out
 
 
 def main():
@@ -142,20 +148,20 @@ def main():
             for ds in configs.values():
                 for dr in ds.values():
                     dr.__exit__(None, None, None)
-        names = list(next(iter(configs.values())))
+        names = list(dict.fromkeys(n for ds in configs.values() for n in ds))
         report["exports"][kind] = {
             "export": export, "heads": d.source, "topk": d.topk, "num_heads": d.num_heads,
-            "tau": {n: {b: round(totals[n, b].tau, 3) for b in budgets} for n in names},
-            "draft_ms_per_step": {n: {b: round(1e3 * totals[n, b].draft_s / totals[n, b].steps, 2) for b in budgets}
-                                  for n in names},
-            "categories": {c: {n: {b: round(cats[c, n, b].tau, 3) for b in budgets} for n in names}
+            "tau": {n: {b: round(totals[n, b].tau, 3) for b in budgets if n in configs[b]} for n in names},
+            "draft_ms_per_step": {n: {b: round(1e3 * totals[n, b].draft_s / totals[n, b].steps, 2) for b in budgets
+                                      if n in configs[b]} for n in names},
+            "categories": {c: {n: {b: round(cats[c, n, b].tau, 3) for b in budgets if n in configs[b]} for n in names}
                            for c in sorted({r["category"] for r in recs})},
             "check": checks,
         }
         print(f"\n{kind}: tau by node budget (root included)")
-        print(f"{'config':<16}" + "".join(f"{b:>8}" for b in budgets))
+        print(f"{'config':<24}" + "".join(f"{b:>8}" for b in budgets))
         for n in names:
-            print(f"{n:<16}" + "".join(f"{totals[n, b].tau:>8.2f}" for b in budgets))
+            print(f"{n:<24}" + "".join(f"{totals[n, b].tau:>8.2f}" if n in configs[b] else f"{'':>8}" for b in budgets))
         bad = [c for c in checks if c["tau_decoded"] != c["tau_replayed"]]
         print(f"check: {len(checks)} decoded runs equal AR; decoded tau != replayed tau in {len(bad)}: {bad[:4]}")
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -172,10 +178,12 @@ def plot(report, path):
     kinds = list(report["exports"])
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), sharey=True, squeeze=False)
     style = {"static": ("tab:blue", "--"), "dynamic": ("tab:red", "-"), "static+lookup": ("tab:cyan", "--"),
-             "dynamic+lookup": ("tab:orange", "-")}
+             "dynamic+lookup": ("tab:orange", "-"), "dynamic+lookup8x1": ("tab:purple", ":"),
+             "dynamic+lookup16x1": ("tab:brown", ":"), "dynamic+lookup8x3": ("tab:green", ":"),
+             "dynamic+lookup16x3": ("black", ":")}
     for ax, kind in zip(axes[0], kinds):
         for name, taus in report["exports"][kind]["tau"].items():
-            color, ls = style[name]
+            color, ls = style.get(name, (None, ":"))
             ax.plot(list(map(int, taus)), list(taus.values()), ls, color=color, marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(report["budgets"], [str(b) for b in report["budgets"]])

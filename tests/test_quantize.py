@@ -386,3 +386,25 @@ def test_one_token_call_is_a_row_of_a_chunk(quant_exports, name):
         run.commit([0])
         alone = run.forward(np.array([3]), np.array([6]), np.ones((1, 1), bool)).logits[0].copy()
     np.testing.assert_array_equal(alone, chunk)
+
+
+def test_fused_graph_with_projection_biases(tmp_path):
+    """Qwen2's q/k/v biases are concatenated with their fused MatMulNBits (``QuantizedWeights.fuse``);
+    the export validates against torch (exact kernels, contract tolerances) with the in-place cache. The
+    biases are made non-zero first (a fresh model's are zero, which would hide a dropped bias)."""
+    from safetensors.numpy import load_file, save_file
+
+    from spectrt.export.exporter import ExportOptions, export_model
+    from tests.conftest import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "qwen2", "qwen2", seed=5)
+    rng = np.random.default_rng(0)
+    for f in src.glob("*.safetensors"):
+        w = load_file(str(f))
+        w = {k: (rng.standard_normal(v.shape).astype(v.dtype) if k.endswith("_proj.bias") else v) for k, v in w.items()}
+        assert any(k.endswith("q_proj.bias") for k in w)
+        save_file(w, str(f), metadata={"format": "pt"})
+    out = export_model(str(src), tmp_path / "q", ExportOptions(max_context=128, weights="int4"), progress=lambda *_: None)
+    art = load_artifact(out)
+    assert art.graph("base").kv_layout == "in-place"
+    assert art.manifest.validation and all(row.ok for row in art.manifest.validation)

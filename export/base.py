@@ -4,9 +4,9 @@ Attention sees the whole past plus the new tokens allowed by ``tree_mask``; posi
 caller (past + depth), so the same graph runs a causal chunk, one token, or a tree of candidates.
 Only standard ONNX ops (no contrib ops) so TensorRT's parser takes it. With weights quantized in the
 ORT-only ``matmulnbits`` format (``export.quantize``) the graph is written for ONNX Runtime instead
-(``fused_decoder_layer``): fused QKV and gate/up MatMulNBits, ONNX ``Attention``/``RotaryEmbedding``
-(opset 23) and ORT's SkipSimplifiedLayerNormalization, batch 1 -- a tenth of the nodes, since on a CPU
-at batch 1 every node's dispatch costs about as much as the arithmetic of a small projection.
+(``fused_decoder_layer``): fused QKV and gate/up MatMulNBits, ONNX ``RotaryEmbedding`` (opset 23), ORT's
+SkipSimplifiedLayerNormalization and GroupQueryAttention on an in-place KV cache, batch 1 -- a fifth of the
+nodes, since on a CPU at batch 1 every node's dispatch costs about as much as a small projection.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from spectrt.export.onnx_graph import ONNX_DTYPES, GraphBuilder
 from spectrt.runtime.contract import BASE, graph_spec
 from spectrt.runtime.errors import SpectrtError
 
-FUSED_OPSET = 23  # ONNX Attention and RotaryEmbedding (the matmulnbits form); ORT >= 1.23 runs them on CPU
+FUSED_OPSET = 23  # ONNX RotaryEmbedding (the matmulnbits form), run on CPU by onnxruntime 1.32 (measured)
 
 
 class _Shapes:
@@ -203,8 +203,8 @@ def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray
     """``quant``: an ``export.quantize.QuantizedWeights`` whose linears (and LM head) are emitted quantized;
     in its ``matmulnbits`` format the graph is ONNX Runtime's fused form (``fused_decoder_layer``, opset
     ``FUSED_OPSET``, batch 1, in-place KV layout, rotary tables for ``max_context`` positions)."""
-    fused = base_kv_layout(quant) == "in-place"
-    spec = graph_spec(BASE.name, base_kv_layout(quant))
+    layout = base_kv_layout(quant)
+    fused, spec = layout == "in-place", graph_spec(BASE.name, layout)
     g = GraphBuilder("spectrt_base", FUSED_OPSET if fused else opset, dtype)
     g.quant = quant
     D, KVH, NH = dims.head_dim, dims.kv_heads, dims.num_heads

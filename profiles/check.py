@@ -491,7 +491,7 @@ def check_artifact(root, profile: str | None = None, trt_version: str | None = N
         n = sum(1 for f in base.findings if f.severity == ERROR)
         base.findings = [f for f in base.findings if f.severity != ERROR]
         base.add(ERROR, "weights", f"ORT-only export: base.onnx is ONNX Runtime's fused form ({w.kind} MatMulNBits "
-                                   f"and GatherBlockQuantized contrib ops, opset 23 Attention; {n} findings for "
+                                   f"and GatherBlockQuantized, GroupQueryAttention, opset 23; {n} findings for "
                                    f"TensorRT {trt_version}); TensorRT cannot build it: re-export with "
                                    f"--weights {w.kind} --weights-format qdq (opset 21) for TensorRT")
     elif w is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spectrt.runtime.artifact import Artifact
-from spectrt.runtime.contract import BASE, HYDRA_PREFIX, MODEL_DTYPE, graph_spec, io_mismatch
+from spectrt.runtime.contract import BASE, HYDRA_PREFIX, MODEL_DTYPE, GraphSpec, io_mismatch
 from spectrt.runtime.errors import ArtifactError, SpectrtError
 
 PROVIDERS = {
@@ -60,10 +60,10 @@ class SessionFromOnnx:
             raise ArtifactError(f"{self.path}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
 
 
-def check_session(session, graph: str, dims: dict, dtype: str, spec=None) -> None:
-    """The graph's inputs/outputs must be the contract's (names, ranks, fixed dims, dtypes; an optional output
-    may be absent). ``spec``: the graph's spec when not the default layout's (``Artifact.spec``)."""
-    ins, outs = (spec or graph_spec(graph)).expand(dims)
+def check_session(session, graph: str, spec: GraphSpec, dims: dict, dtype: str) -> None:
+    """The graph's inputs/outputs must be its contract ``spec``'s (``Artifact.spec``: names, ranks, fixed dims,
+    dtypes; an optional output may be absent)."""
+    ins, outs = spec.expand(dims)
     for kind, specs, actual in (("input", ins, session.get_inputs()), ("output", outs, session.get_outputs())):
         got = {a.name: a for a in actual}
         missing, extra = io_mismatch(specs, got)
@@ -130,7 +130,7 @@ class OrtKVRunner:
 
     def __enter__(self):
         self.session = self.loader()
-        check_session(self.session, self.graph, self.dims, self.artifact.dtype, self.spec)
+        check_session(self.session, self.graph, self.spec, self.dims, self.artifact.dtype)
         rows, kvh, hd = self.max_context + self.pad_single, self.dims["kv_heads"], self.dims["head_dim"]  # + a dummy row
         kv = (1, kvh, rows, hd) if self.in_place else (rows, 1, kvh, hd)
         layers = self.spec.num_kv_layers(self.dims)
@@ -162,7 +162,8 @@ class OrtKVRunner:
     def _padded(self, spec, arr: np.ndarray) -> np.ndarray:
         """A one-token input as two rows: the token again, seeing only itself (a ``[q, q]`` mask gets a new
         row and column, False except their diagonal). Graphs whose kernels take another code path for one
-        row than for several (int4 MatMulNBits, ``WeightsInfo.row_pad``) then compute a decode step exactly
+        row than for several (matmulnbits exports: int4 MatMulNBits, GroupQueryAttention; ``WeightsInfo.row_pad``)
+        then compute a decode step exactly
         as a row of a tree pass; the real row never sees the dummy (its column is masked: trailing masked
         keys change no bits), and the dummy's KV lands past the tokens and is never committed."""
         if spec.shape[1:3] == ("q", "q"):
@@ -266,7 +267,7 @@ class OrtGraphRunner:
 
     def __enter__(self):
         self.session = self.loader()
-        check_session(self.session, self.graph, self.dims, self.artifact.dtype, self.spec)
+        check_session(self.session, self.graph, self.spec, self.dims, self.artifact.dtype)
         self.binding = self.session.io_binding()
         self.outputs = {}
         have = {o.name for o in self.session.get_outputs()}

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
+from spectrt.calibration.prompts import load_prompt_records
 from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.generate import Decoder
 from spectrt.runtime.quality import default_heldout_text
@@ -92,8 +93,7 @@ def main():
                     help="also ORT GenAI's perplexity on spectrt quality's default held-out text (2048 tokens, windows of 256)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    recs = [json.loads(line) for line in open(a.prompts)][::a.stride][:a.limit]
-    prompts = [r["turns"][0] if "turns" in r else r["prompt"] for r in recs]
+    prompts = [p for _, p in load_prompt_records(a.prompts)[::a.stride][:a.limit]]
     cfg = SessionConfig(mode="spec", threads=a.threads)
     rows = {}
     with ExitStack() as st:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spectrt.calibration.prompts import load_prompt_records
 from spectrt.export.trees import choose_tree
 from spectrt.runtime.bench import Totals
 from spectrt.runtime.drafters import RootOnly, MergedDrafter, heads_drafter
@@ -111,7 +112,7 @@ def main():
     ap.add_argument("--beam", type=int, default=DEFAULT_BEAM, help="dynamic Hydra trees: nodes expanded per depth")
     a = ap.parse_args()
     budgets = [int(b) for b in a.budgets.split(",")]
-    recs = [json.loads(line) for line in open(a.prompts)][::a.stride][:a.limit]
+    recs = load_prompt_records(a.prompts)[::a.stride][:a.limit]  # (category, prompt)
     report = {"prompts": f"{a.prompts} every {a.stride}th, {len(recs)} prompts", "new_tokens": a.n,
               "budgets": budgets, "beam": a.beam, "exports": {}}
     t_start = time.time()
@@ -126,8 +127,8 @@ def main():
             totals = defaultdict(Totals)  # (config, budget) -> totals
             cats = defaultdict(Totals)  # (category, config, budget)
             checks = []
-            for i, r in enumerate(recs):
-                ids = s.codec.encode(r["turns"][0])
+            for i, (category, prompt) in enumerate(recs):
+                ids = s.codec.encode(prompt)
                 rec = Recorder()
                 ar = Decoder(s.base, rec, s.codec.eos_ids, CHUNK).generate(ids, a.n)
                 seq, hidden = ids + ar.tokens, np.concatenate(rec.hidden)  # [prompt + new - 1, H]
@@ -136,14 +137,14 @@ def main():
                     for name, dr in ds.items():
                         res = replay(dr, len(ids), seq, hidden, len(ar.tokens), b)
                         totals[name, b].add(res)
-                        cats[r["category"], name, b].add(res)
+                        cats[category, name, b].add(res)
                         if i < a.check:
                             real = Decoder(s.base, dr, s.codec.eos_ids, CHUNK).generate(ids, a.check_tokens)
                             assert real.tokens == ar.tokens[:a.check_tokens], (kind, name, b)
                             again = replay(dr, len(ids), seq, hidden, len(real.tokens), b)
                             checks.append({"prompt": i, "config": name, "budget": b, "tau_decoded": round(real.tau, 3),
                                            "tau_replayed": round(again.tau, 3)})
-                print(f"{kind} prompt {i + 1}/{len(recs)} ({r['category']}) done at {time.time() - t_start:.0f} s",
+                print(f"{kind} prompt {i + 1}/{len(recs)} ({category}) done at {time.time() - t_start:.0f} s",
                       flush=True)
             for ds in configs.values():
                 for dr in ds.values():
@@ -155,7 +156,7 @@ def main():
             "draft_ms_per_step": {n: {b: round(1e3 * totals[n, b].draft_s / totals[n, b].steps, 2) for b in budgets
                                       if n in configs[b]} for n in names},
             "categories": {c: {n: {b: round(cats[c, n, b].tau, 3) for b in budgets if n in configs[b]} for n in names}
-                           for c in sorted({r["category"] for r in recs})},
+                           for c in sorted({c for c, _ in recs}, key=str)},
             "check": checks,
         }
         print(f"\n{kind}: tau by node budget (root included)")

@@ -212,10 +212,13 @@ def test_graph_forms_and_bytes(quant_exports):
     assert "MatMulNBits" in ops["int4-matmulnbits"] and "DequantizeLinear" not in ops["int4-matmulnbits"]
     assert "DequantizeLinear" in ops["int4-qdq"] and "MatMulNBits" not in ops["int4-qdq"]
     # matmulnbits graphs are ONNX Runtime's fused form (fused QKV / gate-up, GroupQueryAttention on an
-    # in-place cache, RotaryEmbedding); qdq keeps the standard ops and the token-major cache TensorRT takes
+    # in-place cache, packed q/k/v with rotary inside); qdq keeps the standard ops and the token-major cache
+    # TensorRT takes
     m4 = onnx.load(str(quant_exports["int4-matmulnbits"] / "base.onnx"), load_external_data=False)
-    fused = {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"}
-    assert fused <= ops["int4-matmulnbits"]
+    fused = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
+    assert fused <= ops["int4-matmulnbits"] and "RotaryEmbedding" not in ops["int4-matmulnbits"]
+    gqa = [n for n in m4.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == n.input[2] == "" and n.input[9] == "position_ids" for n in gqa)  # packed, rotary inside
     layer_products = [n for n in m4.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("layers.")]
     assert len(layer_products) == 4 * 2  # 2 layers: qkv, o, gate_up, down
     assert not fused & ops["int4-qdq"]

@@ -25,7 +25,7 @@ from spectrt.export.shipped import builtin_vocab, shipped_heads
 from spectrt.export.sources import load_hf, resolve_model
 from spectrt.export.validate import VALIDATION_TEXT, validate_base
 from spectrt.export.vocabtrim import VocabTrim, hf_tokenizer_hash, load_vocab
-from spectrt.runtime.artifact import (MANIFEST, Manifest, ModelInfo, TokenizerInfo, file_record, load_artifact,
+from spectrt.runtime.artifact import (MANIFEST, VOCAB_WEIGHT_BITS, Manifest, ModelInfo, TokenizerInfo, file_record, load_artifact,
                                       write_manifest)
 from spectrt.runtime.contract import (CONTRACT_VERSION, DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK,
                                       DTYPE_ALIASES)
@@ -62,12 +62,13 @@ class ExportOptions:
     row_pad: bool = True  # int4 matmulnbits: keeps speculative == AR on ONNX Runtime (export.quantize)
     scheme: str = DEFAULT_SCHEME  # auto | symmetric | asymmetric | gguf (export.quantize)
     quantize_embeddings: bool = False
+    vocab_bits: int = VOCAB_WEIGHT_BITS[0]  # of the quantized LM head / embeddings
     awq: bool = False  # activation-aware scaling before rounding: needs calibrate_weights (the CLI passes it)
     calibrate_weights: WeightCalibrator | None = None  # `spectrt.calibration.awq` on calibration prompts
 
     def quant_spec(self) -> QuantSpec:
         return QuantSpec(self.weights, self.block, self.weights_format, self.quantize_lm_head, self.row_pad,
-                         self.scheme, self.quantize_embeddings, self.awq)
+                         self.scheme, self.quantize_embeddings, self.awq, self.vocab_bits)
 
 
 def prepare_output_dir(out: Path) -> None:

@@ -29,7 +29,8 @@ Schemes (``--scheme``): ``symmetric`` (scale = max|w| / (2^(b-1) - 1), round to 
 
 Vocabulary matrices: the LM head (``--quantize-lm-head``) and the input embeddings
 (``--quantize-embeddings``, ORT only: ``com.microsoft::GatherBlockQuantized``) are quantized to
-symmetric 8-bit blocks (a GGUF's Q8_0/Q4_0 table as it is). A tied table is stored once: the embedding
+symmetric blocks of ``--vocab-bits`` (8, or 4 as ORT GenAI's int4 builder does; a GGUF's Q8_0/Q4_0 table
+as it is when its bits are those). A tied table is stored once: the embedding
 Gather and the LM head MatMulNBits read the same packed initializer.
 """
 from __future__ import annotations
@@ -72,6 +73,7 @@ class QuantSpec:
     scheme: str = DEFAULT_SCHEME  # auto | symmetric | asymmetric | gguf (resolved by quantize_model)
     embeddings: bool = False  # GatherBlockQuantized input embeddings (a tied LM head shares them)
     awq: bool = False  # activation-aware scales before rounding (calibration.awq; not with the gguf scheme)
+    vocab_bits: int = VOCAB_WEIGHT_BITS[0]  # of the quantized LM head / embeddings
 
     @property
     def quantized(self) -> bool:
@@ -96,6 +98,11 @@ class QuantSpec:
                                f"DequantizeLinear), not {opset}")
         if not self.quantized and (self.lm_head or self.embeddings or self.awq or self.scheme != DEFAULT_SCHEME):
             raise SpectrtError("--quantize-lm-head/--quantize-embeddings/--scheme/--awq need --weights int8 or int4")
+        if self.vocab_bits not in VOCAB_WEIGHT_BITS:
+            raise SpectrtError(f"--vocab-bits {self.vocab_bits}: choose one of {', '.join(map(str, VOCAB_WEIGHT_BITS))}")
+        if self.vocab_bits != VOCAB_WEIGHT_BITS[0] and not (self.lm_head or self.embeddings):
+            raise SpectrtError("--vocab-bits sets the quantized LM head / embeddings: add --quantize-lm-head or "
+                               "--quantize-embeddings")
         if self.awq and self.scheme == "gguf":
             raise SpectrtError("--awq re-quantizes the float weights: it contradicts --scheme gguf")
         if self.embeddings and self.format != "matmulnbits":
@@ -114,7 +121,7 @@ class QuantSpec:
                            lm_head=self.lm_head or self.embeddings, embeddings=self.embeddings,
                            scheme=SCHEME_RECORDS[scheme],
                            accuracy_level=ACCURACY_LEVEL if self.format == "matmulnbits" else None,
-                           row_pad=self.pads_rows, awq=self.awq)
+                           row_pad=self.pads_rows, awq=self.awq, vocab_bits=self.vocab_bits)
 
     @property
     def pads_rows(self) -> bool:
@@ -347,13 +354,14 @@ def _checked(t: QuantizedLinear, module, name: str, gguf: GGUFFile) -> Quantized
 
 
 def _vocab_table(spec: QuantSpec, w_vh: np.ndarray, gguf: GGUFFile | None, gguf_name: str) -> QuantizedLinear:
-    """A vocabulary matrix ``[V, H]`` as a symmetric 8-bit (or the GGUF's own Q8_0/Q4_0) ``[H, V]`` linear."""
-    if gguf is not None and spec.block == GGUF_BLOCK and gguf.type_of(gguf_name) in ("Q8_0", "Q4_0"):
+    """A vocabulary matrix ``[V, H]`` as a symmetric ``spec.vocab_bits`` (or the GGUF's own Q8_0/Q4_0 of those
+    bits) ``[H, V]`` linear."""
+    if gguf is not None and spec.block == GGUF_BLOCK and gguf.type_of(gguf_name) == ("Q8_0" if spec.vocab_bits == 8 else "Q4_0"):
         b = gguf.blocks(gguf_name)
         t = QuantizedLinear(b.q, b.scales, b.bits)
         if _mismatch(t, w_vh.T) is None:
             return t
-    return quantize_blocks(w_vh.T, VOCAB_WEIGHT_BITS, spec.block)
+    return quantize_blocks(w_vh.T, spec.vocab_bits, spec.block)
 
 
 def quantize_model(model, num_layers: int, spec: QuantSpec, gguf_path=None, num_heads: int = 0,

@@ -264,7 +264,7 @@ WEIGHT_SCHEMES = ("symmetric-rtn", "asymmetric-rtn", "gguf")  # as recorded
 QUANT_SCHEMES = ("auto", "symmetric", "asymmetric", "gguf")  # `export --scheme` (auto resolves to another)
 DEFAULT_WEIGHT_BLOCK = 32
 WEIGHT_BITS = {"int8": 8, "int4": 4}
-VOCAB_WEIGHT_BITS = 8  # a quantized LM head / embedding table (export.quantize)
+VOCAB_WEIGHT_BITS = (8, 4)  # a quantized LM head / embedding table (export.quantize); the first is the default
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,7 @@ class WeightsInfo:
     row_pad: bool = False  # runners call q = 1 as q = 2 (ORT's one-row kernels round differently)
     embeddings: bool = False  # input embeddings quantized (GatherBlockQuantized; a tied LM head shares them)
     awq: bool = False  # activation-aware scales (calibration prompts) before rounding
+    vocab_bits: int = VOCAB_WEIGHT_BITS[0]  # of the quantized LM head / embeddings (symmetric blocks)
 
     def _validate(self) -> None:
         if self.kind not in WEIGHT_KINDS:
@@ -295,6 +296,8 @@ class WeightsInfo:
             raise Invalid(f"scheme: '{self.scheme}' is not one of {', '.join(WEIGHT_SCHEMES)}")
         if self.embeddings and self.format != "matmulnbits":
             raise Invalid("embeddings: quantized embeddings exist only in the matmulnbits format")
+        if self.vocab_bits not in VOCAB_WEIGHT_BITS:
+            raise Invalid(f"vocab_bits: {self.vocab_bits} is not one of {', '.join(map(str, VOCAB_WEIGHT_BITS))}")
 
     @property
     def ort_only(self) -> bool:
@@ -303,14 +306,15 @@ class WeightsInfo:
     def element_bytes(self, vocab: bool = False) -> float:
         """Stored bytes per weight: the packed value, its block's fp32 scale and, for the projections of an
         asymmetric or GGUF grid, its block's fp32 offset (GGUF Q4_0/Q8_0 have none: an upper bound there).
-        ``vocab``: the LM head / embedding table (8-bit symmetric blocks)."""
+        ``vocab``: the LM head / embedding table (``vocab_bits`` symmetric blocks)."""
         if vocab:
-            return VOCAB_WEIGHT_BITS / 8 + 4 / self.block
+            return self.vocab_bits / 8 + 4 / self.block
         offsets = 4 / self.block if self.scheme != "symmetric-rtn" else 0.0
         return WEIGHT_BITS[self.kind] / 8 + 4 / self.block + offsets
 
     def label(self) -> str:
-        vocab = ", embeddings + LM head int8" if self.embeddings else ", LM head int8" if self.lm_head else ""
+        table = f"int{self.vocab_bits}"
+        vocab = f", embeddings + LM head {table}" if self.embeddings else f", LM head {table}" if self.lm_head else ""
         return f"{self.kind} {self.scheme}{' + AWQ' if self.awq else ''} (block {self.block}, {self.format}{vocab})"
 
 

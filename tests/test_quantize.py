@@ -166,6 +166,7 @@ VARIANTS = {
     "int4-qdq": dict(weights="int4", weights_format="qdq", quantize_lm_head=True),  # the same tensors in qdq form
     "int8-matmulnbits-head-b128": dict(weights="int8", block=128, quantize_lm_head=True, scheme="symmetric"),
     "int4-embeddings": dict(weights="int4", quantize_embeddings=True),  # tied: one GatherBlockQuantized table
+    "int4-vocab4": dict(weights="int4", quantize_embeddings=True, vocab_bits=4),  # the table at 4 bits too
 }
 
 
@@ -341,6 +342,32 @@ def test_element_bytes_match_the_stored_tensors(kind, scheme):
     t = quantize_blocks(w, bits, 32, asymmetric=scheme != "symmetric-rtn")
     assert t.nbytes() / w.size == info.element_bytes()
     assert quantize_blocks(w, 8, 32).nbytes() / w.size == info.element_bytes(vocab=True)
+    info4 = WeightsInfo(kind, 32, "matmulnbits", scheme=scheme, lm_head=True, vocab_bits=4)
+    assert quantize_blocks(w, 4, 32).nbytes() / w.size == info4.element_bytes(vocab=True)
+
+
+def test_vocab_bits(quant_exports):
+    """--vocab-bits 4: the shared embedding / LM head table is stored as 4-bit blocks (fewer bytes than the
+    8-bit one), read by GatherBlockQuantized and MatMulNBits at 4 bits; the export validated against torch
+    holding the same 4-bit values; the manifest says so."""
+    import onnx
+
+    w = load_artifact(quant_exports["int4-vocab4"]).manifest.weights
+    assert w.vocab_bits == 4 and w.embeddings and "LM head int4" in w.label()
+    assert load_artifact(quant_exports["int4-embeddings"]).manifest.weights.vocab_bits == 8
+    m = onnx.load(str(quant_exports["int4-vocab4"] / "base.onnx"), load_external_data=False)
+    table_ops = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized" or n.name.startswith("lm_head")]
+    assert table_ops and all(a.i == 4 for n in table_ops for a in n.attribute if a.name == "bits")
+    size = {n: load_artifact(quant_exports[n]).graph("base").bytes for n in ("int4-embeddings", "int4-vocab4")}
+    assert size["int4-vocab4"] < size["int4-embeddings"]
+    with pytest.raises(SpectrtError, match="--vocab-bits 6"):
+        QuantSpec("int4", vocab_bits=6).check(17)
+    with pytest.raises(SpectrtError, match="add --quantize-lm-head or --quantize-embeddings"):
+        QuantSpec("int4", vocab_bits=4).check(17)
+    data = json.loads((quant_exports["int4-vocab4"] / "manifest.json").read_text())
+    data["weights"]["vocab_bits"] = 2
+    with pytest.raises(ValueError, match="vocab_bits: 2"):
+        parse_manifest(data)
 
 
 def test_in_place_cache_moves_out_of_place_rows(quant_exports):

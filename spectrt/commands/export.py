@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from spectrt.commands._common import IntRange, command
-from spectrt.runtime.artifact import DEFAULT_WEIGHT_BLOCK, QUANT_SCHEMES, WEIGHT_BLOCKS
+from spectrt.runtime.artifact import DEFAULT_WEIGHT_BLOCK, QUANT_SCHEMES, VOCAB_WEIGHT_BITS, WEIGHT_BLOCKS
 from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK
 
 
@@ -44,10 +44,13 @@ from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT
               help="matmulnbits: ONNX Runtime's MatMulNBits (ORT only, any opset); qdq: DequantizeLinear -> MatMul "
                    "(opset 21) for TensorRT explicit quantization, which ONNX Runtime also runs at low-bit speed")
 @click.option("--quantize-lm-head", is_flag=True,
-              help="quantize the LM head to 8-bit blocks too (a tied head alone gets its own copy)")
+              help="quantize the LM head to blocks of --vocab-bits too (a tied head alone gets its own copy)")
 @click.option("--quantize-embeddings", is_flag=True,
-              help="8-bit block-quantized input embeddings (ORT's GatherBlockQuantized; a tied LM head shares the "
+              help="block-quantized input embeddings (--vocab-bits) (ORT's GatherBlockQuantized; a tied LM head shares the "
                    "table; not with Hydra heads)")
+@click.option("--vocab-bits", type=click.Choice([str(b) for b in VOCAB_WEIGHT_BITS]), default=str(VOCAB_WEIGHT_BITS[0]),
+              help="bits of the quantized LM head / embeddings (symmetric blocks; 4 as ORT GenAI's int4 builder does: "
+                   "fewer bytes, see `spectrt quality` for what it costs)")
 @click.option("--awq", is_flag=True,
               help="activation-aware scales (AWQ) chosen on calibration prompts before rounding (--scheme symmetric "
                    "or asymmetric)")
@@ -58,7 +61,7 @@ from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT
                    "MatMulNBits, GroupQueryAttention) see at least 2 rows and decode (q = 1) and tree verification "
                    "compute the same numbers: "
                    "speculative output stays AR's; off makes AR faster but speculative output may differ at near-ties")
-def command(model, output, block, calibration_prompts, **options) -> int:
+def command(model, output, block, vocab_bits, calibration_prompts, **options) -> int:
     """Export MODEL to DIR: base.onnx (+ heads.onnx, draft_lm_head.onnx), the tokenizer and manifest.json,
     validated against transformers unless --no-validate."""
     from spectrt.calibration.awq import awq_calibrator
@@ -69,7 +72,7 @@ def command(model, output, block, calibration_prompts, **options) -> int:
     if calibration_prompts and not options["awq"]:
         raise click.UsageError("--calibration-prompts is for --awq")
     weights = awq_calibrator(load_prompts(calibration_prompts or CALIBRATION_PROMPTS)) if options["awq"] else None
-    options = ExportOptions(block=int(block), calibrate_vocab=default_vocab, calibrate_weights=weights, **options)
+    options = ExportOptions(block=int(block), vocab_bits=int(vocab_bits), calibrate_vocab=default_vocab, calibrate_weights=weights, **options)
     out = export_model(model, output, options)
     print(f"exported to {out}")
     return 0

@@ -218,10 +218,11 @@ def test_draft_plan():
     tree = Tree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
     plan = draft_plan(tree)
     assert len(plan) == 3
-    assert plan[0].front.tolist() == [0] and plan[0].kids.tolist() == [1, 2, 3]
-    assert plan[1].front.tolist() == [1, 2]  # node 3 (rank 2) has no children: not drafted
-    assert plan[1].ancestors.tolist() == [[0, 1], [0, 2]]
-    assert plan[2].front.tolist() == [4] and plan[2].ancestors.tolist() == [[0, 1, 4]]
+    # depth-first nodes: 1:[0] 2:[0,0] 3:[0,0,0] 4:[0,1] 5:[1] 6:[1,0] 7:[2]
+    assert plan[0].front.tolist() == [0] and plan[0].kids.tolist() == [1, 5, 7]
+    assert plan[1].front.tolist() == [1, 5]  # node 7 (rank 2) has no children: not drafted
+    assert plan[1].ancestors.tolist() == [[0, 1], [0, 5]] and plan[1].kids.tolist() == [2, 4, 6]
+    assert plan[2].front.tolist() == [2] and plan[2].ancestors.tolist() == [[0, 1, 2]]
     for p in plan:
         assert (tree.parent[p.kids] == p.front[p.kid_row]).all() and (tree.rank[p.kids] == p.kid_rank).all()
     assert draft_plan(Tree.chain(0)) == []

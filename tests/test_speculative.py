@@ -84,12 +84,15 @@ def test_oracle_accepts_whole_paths(llama, reference):
 
 def test_accept_picks_longest_matching_path():
     tree = Tree.from_paths([[0], [1], [0, 0], [1, 0], [1, 0, 0]])
-    # nodes: 0 root, 1:[0], 2:[1], 3:[0,0], 4:[1,0], 5:[1,0,0]
-    tokens = np.array([7, 10, 11, 12, 13, 14])
-    greedy = np.array([11, 0, 13, 0, 99, 0])  # root -> 11 (node 2) -> 13 (node 4) -> 99 (no child)
-    assert tree.accept(tokens, greedy) == [0, 2, 4]
-    assert tree.mask[5].tolist() == [True, False, True, False, True, True]
-    assert tree.depth.tolist() == [0, 1, 1, 2, 2, 3]
+    # depth-first, rank 0 first: 0 root, 1:[0], 2:[0,0], 3:[1], 4:[1,0], 5:[1,0,0]
+    assert tree.paths == ((0,), (0, 0), (1,), (1, 0), (1, 0, 0))
+    tokens = np.array([7, 10, 12, 11, 13, 14])
+    greedy = np.array([11, 0, 0, 13, 99, 0])  # root -> 11 (node 3) -> 13 (node 4) -> 99 (no child)
+    assert tree.accept(tokens, greedy) == [0, 3, 4]
+    assert tree.mask[5].tolist() == [True, False, False, True, True, True]
+    assert tree.depth.tolist() == [0, 1, 2, 1, 2, 3]
+    # the all-rank-0 path takes consecutive slots: accepting it needs no recheck (Decoder._recheck)
+    assert tree.accept(tokens, np.array([10, 12, 55, 0, 0, 0])) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("bad", [[[0, 0]], [[-1]], [[]], "nonsense"])

@@ -102,19 +102,28 @@ def draft_info(art: Artifact) -> DraftInfo:
 
 def replay(acc: Acceptance, tree: Tree, draft: str, cost, draft_cost) -> tuple[float, float, float]:
     """Greedy speculative decoding over the calibration positions with ``tree`` (merged with the lookup chain
-    for ``heads+lookup``): (tokens per step, mean verify rows, mean step cost in ms)."""
+    for ``heads+lookup``): (tokens per step, mean verify rows, mean step cost in ms).
+
+    A step whose accepted path does not hold the tree's first slots pays a second base call, the causal
+    recheck of that path (``Decoder._recheck``). The lookup chain takes the first slots and the heads' nodes
+    follow depth-first, rank 0 first: a path the heads accept past the chain's correct tokens is consecutive
+    only if the whole chain was right and every rank on it is 0."""
     paths, lookup = frozenset(tree.paths), draft == "heads+lookup"
     tokens = steps = rows = 0
     ms = 0.0
     for s in acc.sequences:
         i = 0
         while i < len(s):
-            got = _accepted(s.ranks[i], paths)
-            q = tree.size
+            got = heads = _accepted(s.ranks[i], paths)
+            q, hits, chain = tree.size, 0, 0
             if lookup:
-                got = max(got, int(s.chain_hits[i]))
-                q += int(s.chain[i]) - _accepted(s.chain_ranks[i], paths)  # heads nodes on the chain merge
-            ms += cost.verify_ms(q, int(s.past[i])) + draft_cost(got + 1, int(s.past[i]))
+                hits, chain = int(s.chain_hits[i]), int(s.chain[i])
+                got = max(heads, hits)
+                q += chain - _accepted(s.chain_ranks[i], paths)  # heads nodes on the chain merge
+            past = int(s.past[i])
+            ms += cost.verify_ms(q, past) + draft_cost(got + 1, past)
+            if heads > hits and (hits < chain or (s.ranks[i][:heads] > 0).any()):
+                ms += cost.verify_ms(got + 1, past)  # the recheck
             tokens, steps, rows = tokens + got + 1, steps + 1, rows + q
             i += got + 1
     return tokens / steps, rows / steps, ms / steps

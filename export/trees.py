@@ -9,9 +9,9 @@ from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.tree import Tree
 
 # Tree sizes (nodes, root included). "cpu" is what `spectrt calibrate tree` chooses for the shipped SmolLM2
-# heads on 2 CPU cores (heads+lookup drafts, 32 bundled calibration prompts): 2 nodes with costs timed on
-# the machine (1.49x AR expected; `spectrt bench` on 16 Spec-Bench dev prompts: 1.48x), 4 nodes with the
-# quiet-machine profile docs/results/profile_smollm2_cpu.json, where 2..5 nodes are within 1.5 % (1.39x-1.41x).
+# heads on 2 CPU cores (heads+lookup drafts, 32 bundled calibration prompts, rechecks priced): 2 nodes with
+# costs timed on the machine (1.29x AR expected; `spectrt bench --stride 3`: 1.23x, and 1.12x for the 4-node
+# tree it chose before rechecks were priced).
 # Re-run it for another model or device (it writes its choice into the export). GPUs verify ~64 nodes for
 # about the price of one (`calibrate tree --profile orin-nano-8gb`: 28 nodes, the profile's 32 rows less the
 # lookup chain).

@@ -15,7 +15,7 @@ from spectrt.runtime.drafters import RootOnly
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.protocols import BaseRunner, Drafter
 from spectrt.runtime.sampling import GREEDY, SamplingConfig, sample, typical_choice
-from spectrt.runtime.tree import ROOT_ONLY
+from spectrt.runtime.tree import ROOT_ONLY, Tree
 
 AR_TREE = ROOT_ONLY
 
@@ -29,7 +29,7 @@ class GenerationResult:
     decode_s: float = 0.0
     steps: int = 0  # verify calls
     reused_tokens: int = 0  # prompt tokens whose K/V were kept from the previous generation (reuse=True)
-    rechecks: int = 0  # steps whose accepted path was verified again as a chain (Decoder._recheck)
+    rechecks: int = 0  # steps that first verified a path again as a chain (Decoder._recheck)
     draft_s: float = 0.0
     verify_s: float = 0.0
 
@@ -89,6 +89,9 @@ class Decoder:
         self.prefill_chunk = min(prefill_chunk, base.max_q)
         self.max_nodes = min(self.drafter.max_nodes, base.max_q)  # an engine built for fewer rows gets smaller drafts
         self.history: list[int] | None = None  # the ids whose K/V rows the cache holds, in order
+        # (chain [d], tentative bonus, hidden [d, H]): accepted past the last committed row through a node with
+        # non-ancestors before it; the next step verifies it again first (_recheck)
+        self._pending: tuple | None = None
         self.copy_logits = base.copy_logits  # the runner's setting for greedy decoding
 
     def prefill(self, prompt: np.ndarray, reuse: bool = False) -> tuple[int, np.ndarray, int]:
@@ -97,6 +100,7 @@ class Decoder:
         what the cache holds from the last generation stays (a conversation's next turn prefills only its new
         tokens); the decoder must then own its base runner (nobody else writes to the cache)."""
         n = len(prompt)
+        self._pending = None  # a stopped generation's unconfirmed tail is dropped (never emitted, not cached)
         keep = self._common_prefix(prompt) if reuse else 0
         if keep:
             self.base.rollback(self.base.past - keep)
@@ -125,52 +129,75 @@ class Decoder:
         return int(same[0]) if len(same) else limit
 
     def step(self, root: int, hidden: np.ndarray, budget: int, res: GenerationResult):
-        """One speculative step on at most ``budget`` nodes. Returns (accepted tokens after root + bonus,
-        next root, its hidden)."""
+        """One speculative step (one base call) on at most ``budget`` nodes. Returns (the tokens it confirmed,
+        next root, its hidden); with a path left to recheck (``_pending``), only the confirmed tokens (no bonus
+        yet: None, None) -- the next step verifies the rest first."""
         t0 = time.perf_counter()
-        draft = self.drafter.draft(root, hidden, budget)
-        tokens, tree = draft.tokens, draft.tree  # [q], tokens[0] == root; q-node tree
-        if tree.size > budget:
-            raise SpectrtError(f"the drafter proposed {tree.size} nodes; the budget was {budget}")
+        if self._pending is None:
+            draft = self.drafter.draft(root, hidden, budget)
+            tokens, tree = draft.tokens, draft.tree  # [q], tokens[0] == root; q-node tree
+            if tree.size > budget:
+                raise SpectrtError(f"the drafter proposed {tree.size} nodes; the budget was {budget}")
+            first = 1  # the root was emitted last step
+        else:
+            tokens, tree = self._recheck(*self._pending, budget)  # the chain, then a draft below it
+            res.rechecks += 1
+            first = 0
         t1 = time.perf_counter()
         positions = self.base.past + tree.depth  # [q]
         out = self.base.forward(tokens, positions, tree.mask)  # verify all nodes at once
         chosen = Drawn(out, self.sampling, positions + 1, tokens, tree)  # the base's token after each node
         path = tree.accept(tokens, chosen)  # node ids, root first
-        if path[-1] != len(path) - 1:  # a node with non-ancestors before it: recheck the path as a chain
-            tokens = tokens[path]  # [d]: the path, now a chain
-            out, chosen, path = self._recheck(tokens)
-            res.rechecks += 1
-        self.base.commit(path)  # accepted KV rows move into place
-        self.history.extend(int(x) for x in tokens[path])
-        self.drafter.observe(out.hidden_states[path], tokens[path])
+        c = next((i for i, node in enumerate(path) if node != i), len(path))  # path[:c] holds slots 0..c-1
+        self.base.commit(path[:c])  # rows with no masked slot between visible ones: AR's numbers
+        self.history.extend(int(x) for x in tokens[path[:c]])
+        self.drafter.observe(out.hidden_states[path[:c]], tokens[path[:c]])
+        new = [int(t) for t in tokens[path[first:c]]]
+        last = path[-1]
+        if c < len(path):  # the rest went through a node with non-ancestors before it: verify it again
+            self._pending = (tokens[path[c:]], chosen[last], out.hidden_states[path[c:]].copy())
+        else:
+            self._pending = None
         t2 = time.perf_counter()
         res.draft_s += t1 - t0
         res.verify_s += t2 - t1
         res.steps += 1
-        last = path[-1]
+        if self._pending is not None:
+            return new, None, None
         bonus = chosen[last]
-        return [int(t) for t in tokens[path[1:]]] + [bonus], bonus, out.hidden_states[last].copy()
+        return new + [bonus], bonus, out.hidden_states[last].copy()
 
-    def _recheck(self, chain: np.ndarray):
-        """Verify the accepted path ``chain`` [d] (root first) again as a causal chain, and accept its longest
-        prefix the chain's own choices confirm.
+    def _recheck(self, chain: np.ndarray, bonus: int, hidden: np.ndarray, budget: int):
+        """The call after a path was accepted through a node with non-ancestors before it (its rows up to that
+        node committed): the rest of the path, ``chain`` [d], as a causal chain, and below it the next draft,
+        rooted at the tentative ``bonus``. The chain's rows are then AR's, and acceptance over chain + draft
+        keeps only what they confirm: the longest prefix of the chain its own choices confirm, and past a
+        confirmed bonus the draft's accepted nodes -- one call rechecks and verifies the next draft (its rows:
+        what ``budget``, the runner and the context leave beside the chain). ``hidden`` [d, H]: the tree pass's
+        hidden states of the chain, good enough to draft from (drafts need not be exact).
 
-        A tree node whose earlier slots hold non-ancestors (an elder sibling's subtree) attends over masked
-        keys *between* visible ones; ONNX Runtime's vectorized Softmax and MatMul then sum in another order
-        than a decode step does (masked keys after the visible ones change nothing), so its numbers can
+        Why: a tree node whose earlier slots hold non-ancestors (an elder sibling's subtree) attends over
+        masked keys *between* visible ones; ONNX Runtime's vectorized Softmax and MatMul then sum in another
+        order than a decode step does (masked keys after the visible ones change nothing), so its numbers can
         differ from autoregressive decoding in the last bits (measured, SmolLM2 fp32: |d logit| 2.3e-5), and
         int8-activation kernels (MatMulNBits accuracy level 4) turn that into flipped near-ties. A chain has
-        only trailing masked keys: its numbers are AR's, so speculative output stays AR's exactly. Costs one
-        more base call on the steps that accept through such a node (``GenerationResult.rechecks``)."""
+        only trailing masked keys: its numbers are AR's, so speculative output stays AR's exactly
+        (``GenerationResult.rechecks`` counts these calls)."""
         d = len(chain)
-        positions = self.base.past + np.arange(d)
-        out = self.base.forward(chain, positions, np.tri(d, dtype=np.bool_))  # [d] rows, AR's layout
-        chosen = Drawn(out, self.sampling, positions + 1)
-        k = 1
-        while k < d and chosen[k - 1] == int(chain[k]):
-            k += 1
-        return out, chosen, list(range(k))
+        parent = list(range(-1, d - 1))  # the chain
+        tokens = [int(t) for t in chain]
+        room = min(budget, self.base.max_q, self.base.max_context - self.base.past) - d  # the call stays in budget
+        if room >= 1 and self.drafter.max_nodes > 1:
+            self.drafter.observe(hidden, chain)  # tentatively, to draft past it; taken back below
+            try:
+                draft = self.drafter.draft(bonus, hidden[-1], room)
+            finally:
+                self.drafter.rollback(d)
+            if draft.tree.size > room:
+                raise SpectrtError(f"the drafter proposed {draft.tree.size} nodes; the budget was {room}")
+            parent += [d - 1 if p < 0 else d + int(p) for p in draft.tree.parent]  # the draft's root below the chain
+            tokens += [int(t) for t in draft.tokens]
+        return np.array(tokens, np.int64), Tree.from_parents(parent)
 
     def generate(self, prompt_ids, max_new_tokens: int, on_tokens=None, reuse: bool = False) -> GenerationResult:
         """Decode up to ``max_new_tokens`` after the prompt; ``on_tokens(list)`` gets each step's new tokens (it
@@ -208,7 +235,7 @@ class Decoder:
         try:
             return call(*args)
         except BaseException:
-            self.history = None
+            self.history, self._pending = None, None
             raise
 
     def _emit(self, new: list, res: GenerationResult, max_new: int, limit: int) -> tuple[list, bool]:

@@ -189,6 +189,7 @@ class OracleRunners:
         from spectrt.runtime.hydra import EmbeddingTable
 
         self.base, self.ref, self.hidden, self.depth = base, reference, art.model.hidden, 0
+        self.position = lambda: base.past  # the root's position (Observed.seen when the drafter is wrapped)
         self.table = np.asarray(EmbeddingTable.of(art).table) if art.draft.kind == "hydra" else None
 
     def graph(self, name: str, max_batch: int):
@@ -196,13 +197,43 @@ class OracleRunners:
 
     def top(self, d: int) -> np.ndarray:
         """Medusa head d at this step: the base's token at depth d + 1 below the root at rank RANKS[d]."""
-        i = self.base.past + d + 1
+        i = self.position() + d + 1
         return ranked(self.ref[i] if i < len(self.ref) else 0, d)
 
     def decode(self, vectors: np.ndarray) -> np.ndarray:
         """[..., H] embeddings (or the base's normalised final states) -> the nearest token by cosine."""
         unit = self.table / np.linalg.norm(self.table, axis=1, keepdims=True)
         return np.argmax(vectors.astype(np.float32) @ unit.T, axis=-1)
+
+
+class Observed:
+    """A drafter, counting the tokens the decoder has it observe: every token before the next root (a path it
+    drafts past before committing it, in a recheck, is observed and rolled back), so the root's position."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def observe(self, hidden, tokens):
+        self.seen += len(tokens)
+        self.inner.observe(hidden, tokens)
+
+    def rollback(self, n):
+        self.seen -= n
+        self.inner.rollback(n)
+
+    def reset(self):
+        self.seen = 0
+        self.inner.reset()
 
 
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
@@ -213,7 +244,9 @@ def test_oracle_accepts_through_rank_above_zero(exports, reference, kind):
 
     art = load_artifact(exports[kind])
     with OrtBaseRunner(art, max_q=16) as base:
-        drafter = DRAFTERS[art.draft.kind](art, ORACLE_TREE, OracleRunners(base, art, cycle(3, PROMPT_LEN) + reference))
+        runners = OracleRunners(base, art, cycle(3, PROMPT_LEN) + reference)
+        drafter = Observed(DRAFTERS[art.draft.kind](art, ORACLE_TREE, runners))
+        runners.position = lambda: drafter.seen
         with drafter:
             res = Decoder(base, drafter, prefill_chunk=16).generate(cycle(3, PROMPT_LEN), NEW)
     assert res.tokens == reference

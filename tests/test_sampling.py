@@ -121,7 +121,7 @@ def test_sampled_acceptance_goes_through_non_first_children(llama):
         def fill(self, root, hidden, tree):
             tokens = super().fill(root, hidden, tree)
             for node in range(1, tree.size):
-                i = self.base.past + int(tree.depth[node])
+                i = self.seen + int(tree.depth[node])
                 truth = self.ref[i] if i < len(self.ref) else 0
                 tokens[node] = truth if tree.rank[node] == 1 else (truth + 7) % 256
             return tokens

@@ -22,9 +22,20 @@ class OracleDrafter(StaticTreeDrafter):
 
     def __init__(self, base, reference: list[int], p: float, seed: int, tree: Tree):
         self.base, self.ref, self.p, self.rng, self.tree = base, reference, p, np.random.default_rng(seed), tree
+        self.seen = 0  # tokens observed: the decoder observes every token before a root (a path it drafts
+        # past before committing it is observed and rolled back), so this is the root's position
+
+    def observe(self, hidden, tokens):
+        self.seen += len(tokens)
+
+    def rollback(self, n):
+        self.seen -= n
+
+    def reset(self):
+        self.seen = 0
 
     def fill(self, root, hidden, tree):
-        pos = self.base.past  # the root sits at this position of the sequence
+        pos = self.seen  # the root sits at this position of the sequence
         tokens = np.empty(tree.size, np.int64)
         tokens[0] = root
         for n in range(1, tree.size):

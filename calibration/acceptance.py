@@ -85,7 +85,14 @@ class _Recorder:
         self.inner.observe(hidden, tokens)
 
     def rollback(self, n: int) -> None:
-        raise SpectrtError("calibration decodes each prompt from scratch")
+        """Forget the last ``n`` rows (the decoder drafts past a path it has yet to recheck, then takes the
+        observation back)."""
+        self.inner.rollback(n)
+        while n > 0:
+            last = self.rows.pop()
+            if len(last) > n:
+                self.rows.append(last[:len(last) - n])
+            n -= min(n, len(last))
 
     def reset(self) -> None:
         self.rows = []

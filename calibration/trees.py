@@ -104,10 +104,11 @@ def replay(acc: Acceptance, tree: Tree, draft: str, cost, draft_cost) -> tuple[f
     """Greedy speculative decoding over the calibration positions with ``tree`` (merged with the lookup chain
     for ``heads+lookup``): (tokens per step, mean verify rows, mean step cost in ms).
 
-    A step whose accepted path does not hold the tree's first slots pays a second base call, the causal
-    recheck of that path (``Decoder._recheck``). The lookup chain takes the first slots and the heads' nodes
-    follow depth-first, rank 0 first: a path the heads accept past the chain's correct tokens is consecutive
-    only if the whole chain was right and every rank on it is 0."""
+    A step whose accepted path does not hold the tree's first slots leaves the rest of it to be verified
+    again as a causal chain ahead of the next draft (``Decoder._recheck``): the next call is that many rows
+    bigger, priced here as the marginal cost of those rows. The lookup chain takes the first slots and the
+    heads' nodes follow depth-first, rank 0 first: a path the heads accept past the chain's correct tokens
+    is consecutive only if the whole chain was right and every rank on it is 0."""
     paths, lookup = frozenset(tree.paths), draft == "heads+lookup"
     tokens = steps = rows = 0
     ms = 0.0
@@ -123,7 +124,7 @@ def replay(acc: Acceptance, tree: Tree, draft: str, cost, draft_cost) -> tuple[f
             past = int(s.past[i])
             ms += cost.verify_ms(q, past) + draft_cost(got + 1, past)
             if heads > hits and (hits < chain or (s.ranks[i][:heads] > 0).any()):
-                ms += cost.verify_ms(got + 1, past)  # the recheck
+                ms += cost.verify_ms(q + heads - hits, past) - cost.verify_ms(q, past)  # the heads' rows, again
             tokens, steps, rows = tokens + got + 1, steps + 1, rows + q
             i += got + 1
     return tokens / steps, rows / steps, ms / steps

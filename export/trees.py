@@ -10,7 +10,7 @@ from spectrt.runtime.tree import Tree
 
 # Tree sizes (nodes, root included). "cpu" is what `spectrt calibrate tree` chooses for the shipped SmolLM2
 # heads on 2 CPU cores (heads+lookup drafts, 32 bundled calibration prompts, rechecks priced): 2 nodes with
-# costs timed on the machine (1.29x AR expected; `spectrt bench --stride 3`: 1.23x, and 1.12x for the 4-node
+# costs timed on the machine (1.33x AR expected; `spectrt bench --stride 3`: 1.23x, and 1.12x for the 4-node
 # tree it chose before rechecks were priced).
 # Re-run it for another model or device (it writes its choice into the export). GPUs verify ~64 nodes for
 # about the price of one (`calibrate tree --profile orin-nano-8gb`: 28 nodes, the profile's 32 rows less the

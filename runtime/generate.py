@@ -186,7 +186,7 @@ class Decoder:
         d = len(chain)
         parent = list(range(-1, d - 1))  # the chain
         tokens = [int(t) for t in chain]
-        room = min(budget, self.base.max_q, self.base.max_context - self.base.past) - d  # the call stays in budget
+        room = min(budget, self.base.max_q - d, self.base.max_context - self.base.past - d)  # a full draft if it fits
         if room >= 1 and self.drafter.max_nodes > 1:
             self.drafter.observe(hidden, chain)  # tentatively, to draft past it; taken back below
             try:

@@ -17,6 +17,7 @@ from spectrt.runtime.lookup import LookupDrafter
 from spectrt.runtime.ort_runner import OrtBaseRunner
 from spectrt.runtime.session import SessionConfig, SpecSession
 from spectrt.runtime.tree import LOGPROBS, DynamicTree, Tree, best_nodes, subtree
+from tests.test_drafting_quality import Observed
 from tests.test_speculative import PROMPT
 
 TEXT = "abc abc abc the quick brown fox"
@@ -225,8 +226,6 @@ def test_dynamic_tree_accepts_through_rank_one(medusa_export, llama, reference):
     art = load_artifact(medusa_export)
     K, k = art.draft.num_heads, art.draft.topk
     head0, deeper = np.log([0.5, 0.4] + [0.1 / (k - 2)] * (k - 2)), np.log([0.9] + [0.1 / (k - 1)] * (k - 1))
-    from tests.test_drafting_quality import Observed
-
     with OrtBaseRunner(llama, max_q=16) as base:
         def lm_head(head_features):
             pos = drafter.seen  # the root's position
@@ -253,26 +252,17 @@ def test_dynamic_tree_accepts_through_rank_one(medusa_export, llama, reference):
 
 # ----------------------------------------------------------------------------- exactness on tiny exports
 
-class Recording:
+class Recording(Observed):
     """Wraps a drafter; records each draft's size and the budget it was given."""
 
     def __init__(self, inner):
-        self.inner, self.max_nodes, self.sizes = inner, inner.max_nodes, []
+        super().__init__(inner)
+        self.sizes = []
 
     def draft(self, root, hidden, budget):
         d = self.inner.draft(root, hidden, budget)
         self.sizes.append((d.tree.size, budget))
         return d
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __enter__(self):
-        self.inner.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.inner.__exit__(*exc)
 
 
 def _exports(medusa_export, draft_exports, hydra_export):

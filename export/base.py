@@ -5,8 +5,9 @@ caller (past + depth), so the same graph runs a causal chunk, one token, or a tr
 Only standard ONNX ops (no contrib ops) so TensorRT's parser takes it. With weights quantized in the
 ORT-only ``matmulnbits`` format (``export.quantize``) the graph is written for ONNX Runtime instead
 (``fused_decoder_layer``): fused QKV and gate/up MatMulNBits, ORT's SkipSimplifiedLayerNormalization and
-GroupQueryAttention (packed QKV, rotary inside at the given positions) on an in-place KV cache, batch 1 -- a fifth of the
-nodes, since on a CPU at batch 1 every node's dispatch costs about as much as a small projection.
+GroupQueryAttention (packed QKV, rotary inside at the given positions) on an in-place KV cache, batch 1 --
+a sixth of the nodes, since on a CPU at batch 1 every node's dispatch costs about as much as a small
+projection.
 """
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ from spectrt.export.shipped import builtin_vocab, shipped_heads
 from spectrt.export.sources import load_hf, resolve_model
 from spectrt.export.validate import VALIDATION_TEXT, validate_base
 from spectrt.export.vocabtrim import VocabTrim, hf_tokenizer_hash, load_vocab
-from spectrt.runtime.artifact import (MANIFEST, VOCAB_WEIGHT_BITS, Manifest, ModelInfo, TokenizerInfo, file_record, load_artifact,
-                                      write_manifest)
+from spectrt.runtime.artifact import (MANIFEST, VOCAB_WEIGHT_BITS, Manifest, ModelInfo, TokenizerInfo, file_record,
+                                      load_artifact, write_manifest)
 from spectrt.runtime.contract import (CONTRACT_VERSION, DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK,
                                       DTYPE_ALIASES)
 from spectrt.runtime.errors import SpectrtError

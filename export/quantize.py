@@ -356,7 +356,8 @@ def _checked(t: QuantizedLinear, module, name: str, gguf: GGUFFile) -> Quantized
 def _vocab_table(spec: QuantSpec, w_vh: np.ndarray, gguf: GGUFFile | None, gguf_name: str) -> QuantizedLinear:
     """A vocabulary matrix ``[V, H]`` as a symmetric ``spec.vocab_bits`` (or the GGUF's own Q8_0/Q4_0 of those
     bits) ``[H, V]`` linear."""
-    if gguf is not None and spec.block == GGUF_BLOCK and gguf.type_of(gguf_name) == ("Q8_0" if spec.vocab_bits == 8 else "Q4_0"):
+    same_bits = "Q8_0" if spec.vocab_bits == 8 else "Q4_0"
+    if gguf is not None and spec.block == GGUF_BLOCK and gguf.type_of(gguf_name) == same_bits:
         b = gguf.blocks(gguf_name)
         t = QuantizedLinear(b.q, b.scales, b.bits)
         if _mismatch(t, w_vh.T) is None:

@@ -98,7 +98,7 @@ def _collect(model, groups: list[_Group], batches, sample: int) -> tuple[dict, d
 
 
 def _search(x: np.ndarray, mean: np.ndarray, weights: list[np.ndarray], bits: int, block: int,
-            asymmetric: bool) -> tuple[np.ndarray, float, float, float]:
+            grid: str) -> tuple[np.ndarray, float, float, float]:
     """Best ``s`` for one group: (s [K], alpha, loss at alpha 0 (plain rounding), best loss)."""
     refs = [x @ w.T for w in weights]  # [n, N] per linear
     best = (np.ones_like(mean), 0.0, np.inf)
@@ -109,7 +109,7 @@ def _search(x: np.ndarray, mean: np.ndarray, weights: list[np.ndarray], bits: in
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         loss = 0.0
         for w, ref in zip(weights, refs):
-            wq = quantize_blocks((w * s).T, bits, block, asymmetric).dequantized(block)  # [K, N]
+            wq = quantize_blocks((w * s).T, bits, block, grid).dequantized(block)  # [K, N]
             loss += float(np.square((x / s) @ wq - ref).sum())
         if step == 0:
             base = loss
@@ -133,7 +133,7 @@ def _fold(layer, grp: _Group, s: np.ndarray) -> None:
         lin.weight.data = lin.weight.data * st.to(lin.weight.dtype)[None, :]
 
 
-def apply_awq(model, tokenizer, prompts: list[str], bits: int, block: int, asymmetric: bool,
+def apply_awq(model, tokenizer, prompts: list[str], bits: int, block: int, grid: str,
               sample: int = DEFAULT_SAMPLE, max_tokens: int = DEFAULT_TOKENS, progress=None) -> AwqReport:
     """Scale ``model``'s projections in place (see the module doc); returns what was chosen."""
     if not prompts:
@@ -149,7 +149,7 @@ def apply_awq(model, tokenizer, prompts: list[str], bits: int, block: int, asymm
         grp = groups[gi]
         layer = layers[grp.layer]
         weights = [_module(layer, n).weight.detach().float().numpy() for n in grp.linears]  # [N, K] each
-        s, alpha, base, best = _search(rows[gi], mean[gi], weights, bits, block, asymmetric)
+        s, alpha, base, best = _search(rows[gi], mean[gi], weights, bits, block, grid)
         _fold(layer, grp, s)
         report.groups.append((f"layers.{grp.layer}.{grp.prev}", alpha, base, best))
     return report
@@ -158,8 +158,8 @@ def apply_awq(model, tokenizer, prompts: list[str], bits: int, block: int, asymm
 def awq_calibrator(prompts: list[str], progress=print):
     """The ``ExportOptions.calibrate_weights`` of ``export --awq``: AWQ on ``prompts``, reporting its choice."""
 
-    def calibrate(model, tokenizer, bits: int, block: int, asymmetric: bool) -> None:
-        report = apply_awq(model, tokenizer, prompts, bits, block, asymmetric,
+    def calibrate(model, tokenizer, bits: int, block: int, grid: str) -> None:
+        report = apply_awq(model, tokenizer, prompts, bits, block, grid,
                            progress=lambda it: tqdm(it, desc="AWQ scales", unit="group", leave=False))
         progress(report.summary())
 

@@ -22,7 +22,9 @@ of x over block b: a plain fp32 MatMul of K / block rows next to the symmetric l
 (MatMulNBits' own float zero points would do the same, but ONNX Runtime 1.32 runs them through a slow
 dequantizing path: 1032 us vs 35 us for one 576 x 1536 int4 product, measured.)
 
-Schemes (``--scheme``): ``symmetric`` (scale = max|w| / (2^(b-1) - 1), round to nearest), ``asymmetric``
+Schemes (``--scheme``): ``symmetric`` (round to nearest, no offsets; in the matmulnbits form on all 2^b
+levels with the block's largest-magnitude value on the lowest -- GGUF Q4_0's grid, ORT's own quantizer's,
+one level more than the qdq form's ±(2^(b-1) - 1), whose positive scales TensorRT needs), ``asymmetric``
 (scale = (max - min) / (2^b - 1) over the block, offset from the minimum; the grid of GGUF's Q4_1),
 ``gguf`` (a GGUF source's own Q4_0/Q4_1/Q8_0 blocks, no float round trip: ``export.gguf_blocks``) and
 ``auto`` (``gguf`` when the source's projections are blocks of the asked bits, else ``asymmetric``).
@@ -51,12 +53,17 @@ from spectrt.runtime.errors import SpectrtError
 WEIGHT_KINDS = ("float", "int8", "int4")
 SCHEMES = QUANT_SCHEMES
 SCHEME_RECORDS = dict(zip(SCHEMES[1:], WEIGHT_SCHEMES))  # --scheme -> the manifest's name
+FULL_GRID_RECORD = WEIGHT_SCHEMES[3]  # --scheme symmetric on the full grid (matmulnbits)
 BLOCK_SIZES = WEIGHT_BLOCKS
 DEFAULT_BLOCK = DEFAULT_WEIGHT_BLOCK
 DEFAULT_FORMAT = "matmulnbits"
 DEFAULT_SCHEME = QUANT_SCHEMES[0]  # auto
 QDQ_OPSET = 21  # block-wise DequantizeLinear (block_size) and the INT4 type
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (MLAS's fast path on x86/ARM)
+# Rounding grids (quantize_blocks): symmetric = 2^bits - 1 levels and positive scales (TensorRT's INT8/INT4
+# DequantizeLinear: the qdq form); symmetric-full = all 2^bits levels, the block's largest-magnitude value on
+# the lowest (GGUF Q4_0's grid, and ORT's block quantizer's: the matmulnbits form); asymmetric = min..max.
+GRIDS = ("symmetric", "symmetric-full", "asymmetric")
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LM_HEAD = "lm_head"
@@ -113,13 +120,22 @@ class QuantSpec:
         if self.scheme == "gguf" and self.block != GGUF_BLOCK:
             raise SpectrtError(f"--scheme gguf: GGUF blocks hold {GGUF_BLOCK} values, not --block {self.block}")
 
+    def grid(self, scheme: str) -> str:
+        """The rounding grid of the projections for a resolved round-to-nearest ``scheme`` (and of the
+        vocabulary tables for ``symmetric``): the full symmetric grid where the format allows negative scales."""
+        if scheme == "asymmetric":
+            return "asymmetric"
+        return "symmetric-full" if self.format == "matmulnbits" else "symmetric"
+
     def info(self, scheme: str) -> WeightsInfo | None:
         """The manifest record, with the resolved ``scheme``."""
         if not self.quantized:
             return None
+        full = scheme == "symmetric" and self.grid(scheme) == "symmetric-full"
+        record = FULL_GRID_RECORD if full else SCHEME_RECORDS[scheme]
         return WeightsInfo(kind=self.kind, block=self.block, format=self.format,
                            lm_head=self.lm_head or self.embeddings, embeddings=self.embeddings,
-                           scheme=SCHEME_RECORDS[scheme],
+                           scheme=record,
                            accuracy_level=ACCURACY_LEVEL if self.format == "matmulnbits" else None,
                            row_pad=self.pads_rows, awq=self.awq, vocab_bits=self.vocab_bits)
 
@@ -164,12 +180,15 @@ class QuantizedLinear:
         return self.q.size * self.bits // 8 + self.scales.nbytes + extra
 
 
-def quantize_blocks(w: np.ndarray, bits: int, block: int, asymmetric: bool = False) -> QuantizedLinear:
+def quantize_blocks(w: np.ndarray, bits: int, block: int, grid: str = GRIDS[0]) -> QuantizedLinear:
     """Round-to-nearest of ``w [K, N]`` in blocks of ``block`` rows (a last partial block is allowed; ONNX's
-    blocked DequantizeLinear and MatMulNBits both take ceil(K / block) blocks).
+    blocked DequantizeLinear and MatMulNBits both take ceil(K / block) blocks), on one of ``GRIDS``.
 
     symmetric: ``scale = max|w| / qmax`` (qmax = 2^(bits-1) - 1; 1 for an all-zero block),
-    ``q = clip(rint(w / scale), -qmax, qmax)``. asymmetric: ``scale = (max - min) / (2^bits - 1)``,
+    ``q = clip(rint(w / scale), -qmax, qmax)``. symmetric-full: all 2^bits levels, ``scale = v / -2^(bits-1)``
+    with v the block's value of largest magnitude, sign kept (it lands on -2^(bits-1) exactly; the scale may
+    be negative), ``q = clip(rint(w / scale), -2^(bits-1), 2^(bits-1) - 1)``.
+    asymmetric: ``scale = (max - min) / (2^bits - 1)``,
     ``u = clip(rint((w - min) / scale), 0, 2^bits - 1)``, ``q = u - 2^(bits-1)``, ``offset = min + 2^(bits-1) scale``
     (so ``q * scale + offset = u * scale + min``; the partial block's padding rows do not count)."""
     w = np.asarray(w, np.float32)
@@ -178,11 +197,18 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int, asymmetric: bool = Fal
     wb = np.zeros((nb * block, N), np.float32)
     wb[:K] = w
     wb = wb.reshape(nb, block, N)
-    if not asymmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scales = (np.abs(wb).max(axis=1) / np.float32(qmax)).astype(np.float32)
+    if grid not in GRIDS:
+        raise SpectrtError(f"unknown quantization grid '{grid}' (one of {', '.join(GRIDS)})")
+    if grid != "asymmetric":
+        qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+        if grid == "symmetric":
+            qmin, scales = -qmax, np.abs(wb).max(axis=1) / np.float32(qmax)
+        else:  # the value of largest magnitude, with its sign, onto qmin
+            v = np.take_along_axis(wb, np.abs(wb).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
+            scales = v / np.float32(qmin)
+        scales = scales.astype(np.float32)
         scales[scales == 0] = 1.0
-        q = np.clip(np.rint(wb / scales[:, None, :]), -qmax, qmax).astype(np.int8)
+        q = np.clip(np.rint(wb / scales[:, None, :]), qmin, qmax).astype(np.int8)
         return QuantizedLinear(np.ascontiguousarray(q.reshape(nb * block, N)[:K]), scales, bits)
     real = (np.arange(nb * block) < K).reshape(nb, block, 1)  # padding rows are not weights
     lo = np.where(real, wb, np.inf).min(axis=1)  # [nb, N]
@@ -362,7 +388,7 @@ def _vocab_table(spec: QuantSpec, w_vh: np.ndarray, gguf: GGUFFile | None, gguf_
         t = QuantizedLinear(b.q, b.scales, b.bits)
         if _mismatch(t, w_vh.T) is None:
             return t
-    return quantize_blocks(w_vh.T, spec.vocab_bits, spec.block)
+    return quantize_blocks(w_vh.T, spec.vocab_bits, spec.block, spec.grid("symmetric"))
 
 
 def quantize_model(model, num_layers: int, spec: QuantSpec, gguf_path=None, num_heads: int = 0,
@@ -371,7 +397,7 @@ def quantize_model(model, num_layers: int, spec: QuantSpec, gguf_path=None, num_
     Face ``model`` once; write the dequantized values back into ``model`` so every torch-side consumer
     (validation, golden file, draft heads) sees the weights the graph holds. ``gguf_path``: the model's
     GGUF source (for ``--scheme gguf``/``auto``; q/k rows are un-permuted with ``num_heads``/``kv_heads``).
-    ``prescale(model, bits, block, asymmetric)``: rescales the float model in place before rounding (AWQ,
+    ``prescale(model, bits, block, grid)``: rescales the float model in place before rounding (AWQ,
     ``spec.awq``; it lives in ``calibration`` and is passed in by the caller).
 
     A tied LM head quantized alone is untied (the embeddings stay float); with ``spec.embeddings`` the tied
@@ -385,7 +411,7 @@ def quantize_model(model, num_layers: int, spec: QuantSpec, gguf_path=None, num_
     if spec.awq:
         if prescale is None:
             raise SpectrtError("--awq needs calibration (the caller passes calibration.awq)")
-        prescale(model, spec.bits, spec.block, scheme == "asymmetric")
+        prescale(model, spec.bits, spec.block, spec.grid(scheme))
 
     def write_back(module, t: QuantizedLinear) -> None:
         deq = torch.from_numpy(t.dequantized(spec.block).T.copy()).to(module.weight.dtype)
@@ -401,7 +427,7 @@ def quantize_model(model, num_layers: int, spec: QuantSpec, gguf_path=None, num_
                     t = _checked(QuantizedLinear(b.q, b.scales, b.bits, b.offset), module, f"layers.{i}.{leaf}", gguf)
                 else:
                     t = quantize_blocks(module.weight.detach().float().numpy().T, spec.bits, spec.block,
-                                        asymmetric=scheme == "asymmetric")
+                                        spec.grid(scheme))
                 out.tensors[f"layers.{i}.{leaf}"] = t
                 write_back(module, t)
         inp, outp = model.get_input_embeddings(), model.get_output_embeddings()

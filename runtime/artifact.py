@@ -260,7 +260,8 @@ class DraftInfo:
 WEIGHT_KINDS = ("int8", "int4")
 WEIGHT_FORMATS = ("qdq", "matmulnbits")
 WEIGHT_BLOCKS = (32, 64, 128)
-WEIGHT_SCHEMES = ("symmetric-rtn", "asymmetric-rtn", "gguf")  # as recorded
+WEIGHT_SCHEMES = ("symmetric-rtn", "asymmetric-rtn", "gguf", "symmetric-full-rtn")  # as recorded (full: all 2^b levels)
+SYMMETRIC_SCHEMES = ("symmetric-rtn", "symmetric-full-rtn")  # no per-block offsets
 QUANT_SCHEMES = ("auto", "symmetric", "asymmetric", "gguf")  # `export --scheme` (auto resolves to another)
 DEFAULT_WEIGHT_BLOCK = 32
 WEIGHT_BITS = {"int8": 8, "int4": 4}
@@ -278,7 +279,7 @@ class WeightsInfo:
     block: int  # input rows per scale
     format: str  # qdq | matmulnbits
     lm_head: bool = False  # the LM head is quantized too (8-bit blocks)
-    scheme: str = "symmetric-rtn"  # the projections': symmetric-rtn | asymmetric-rtn | gguf (the source's blocks)
+    scheme: str = "symmetric-rtn"  # the projections': one of WEIGHT_SCHEMES (gguf: the source's blocks)
     accuracy_level: int | None = None  # MatMulNBits' accuracy_level (4: int8 activations)
     row_pad: bool = False  # runners call q = 1 as q = 2 (ORT's one-row kernels round differently)
     embeddings: bool = False  # input embeddings quantized (GatherBlockQuantized; a tied LM head shares them)
@@ -309,7 +310,7 @@ class WeightsInfo:
         ``vocab``: the LM head / embedding table (``vocab_bits`` symmetric blocks)."""
         if vocab:
             return self.vocab_bits / 8 + 4 / self.block
-        offsets = 4 / self.block if self.scheme != "symmetric-rtn" else 0.0
+        offsets = 4 / self.block if self.scheme not in SYMMETRIC_SCHEMES else 0.0
         return WEIGHT_BITS[self.kind] / 8 + 4 / self.block + offsets
 
     def label(self) -> str:

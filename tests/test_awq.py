@@ -34,20 +34,20 @@ def test_folding_keeps_the_float_function(tiny_models, family):
     model, tok = _load(tiny_models[family], outlier=True)
     ids = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
     before = _logits(model, ids)
-    report = apply_awq(model, tok, PROMPTS, bits=4, block=32, asymmetric=False)
+    report = apply_awq(model, tok, PROMPTS, bits=4, block=32, grid="symmetric-full")
     np.testing.assert_allclose(_logits(model, ids), before, rtol=1e-4, atol=1e-4)
     assert len(report.groups) == 2 * 3  # GQA (4 heads, 2 KV heads): no v -> o group
     assert report.tokens == sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS)
 
 
-@pytest.mark.parametrize("asymmetric", [False, True])
-def test_scales_lower_the_error_of_outlier_channels(tiny_models, asymmetric):
+@pytest.mark.parametrize("grid", ["symmetric-full", "asymmetric"])
+def test_scales_lower_the_error_of_outlier_channels(tiny_models, grid):
     """With an outlier input channel the chosen alpha is > 0 for the groups reading the residual stream,
     and the quantized groups' output error drops below plain rounding's (alpha = 0, also on the grid)."""
     from spectrt.calibration.awq import apply_awq
 
     model, tok = _load(tiny_models["llama"], outlier=True)
-    report = apply_awq(model, tok, PROMPTS, bits=4, block=32, asymmetric=asymmetric)
+    report = apply_awq(model, tok, PROMPTS, bits=4, block=32, grid=grid)
     norms = [(a, base, best) for name, a, base, best in report.groups if name.endswith("layernorm")]
     assert all(a > 0 for a, _, _ in norms), report.groups
     assert sum(best for _, _, best in norms) < 0.9 * sum(base for _, base, _ in norms)

@@ -45,6 +45,36 @@ def test_quantize_blocks_exact(bits, K, block):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_full_symmetric_grid(bits):
+    """symmetric-full: the block's largest-magnitude value lands on -2^(bits-1) exactly (scale negative for a
+    positive one), the lowest level is used, rounding error is half a step within reach of both signs' levels
+    and a step at most (at 4 bits well below the ±qmax grid's)."""
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    w[:32, 5] = 0.0
+    full, half = quantize_blocks(w, bits, 32, "symmetric-full"), quantize_blocks(w, bits, 32, "symmetric")
+    lo = -(1 << (bits - 1))
+    assert full.q.min() == lo and full.q.max() <= -lo - 1 and full.offset is None
+    deq = full.dequantized(32)
+    for b in range(3):
+        rows = slice(32 * b, 32 * b + 32)
+        top = np.abs(w[rows]).argmax(0)
+        v = w[rows][top, np.arange(40)]
+        live = v != 0
+        np.testing.assert_array_equal(full.scales[b][live], (v / np.float32(lo)).astype(np.float32)[live])
+        np.testing.assert_array_equal(deq[rows][top, np.arange(40)][live], v[live])  # exact
+        err, step = np.abs(deq[rows] - w[rows]), np.abs(full.scales[b])
+        assert (err <= step * (1 + 1e-6)).all()  # a step at most: the opposite sign tops out at +2^(bits-1) - 1
+        inside = np.abs(w[rows]) <= step * (-lo - 1)  # within reach of both signs' levels
+        assert (err[inside] <= np.broadcast_to(step, err.shape)[inside] / 2 * (1 + 1e-6)).all()
+    assert full.scales[0, 5] == 1 and not full.q[:32, 5].any()
+    if bits == 4:  # a step 7/8 of the ±7 grid's: (7/8)^2 of its mean squared error, about
+        assert np.square(deq - w).mean() < 0.9 * np.square(half.dequantized(32) - w).mean()
+    with pytest.raises(SpectrtError, match="unknown quantization grid 'bad'"):
+        quantize_blocks(w, bits, 32, "bad")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_matmulnbits_packing_round_trips(bits):
     rng = np.random.default_rng(bits)
     q = rng.integers(-QMAX[bits], QMAX[bits] + 1, (80, 5)).astype(np.int8)  # 80 rows: blocks of 32, 32, 16+pad
@@ -62,12 +92,12 @@ def test_matmulnbits_packing_round_trips(bits):
 # ----------------------------------------------------------------------------- one quantized MatMul on ORT
 
 def _single_matmul(fmt: str, bits: int, block: int, w: np.ndarray, opset: int, row_pad: bool = True,
-                   asymmetric: bool = False):
+                   grid: str = "symmetric"):
     import onnxruntime as ort
     from onnx import helper
 
     K, N = w.shape
-    t = quantize_blocks(w, bits, block, asymmetric)
+    t = quantize_blocks(w, bits, block, grid)
     kind = {8: "int8", 4: "int4"}[bits]
     g = GraphBuilder("one", opset, "float32")
     g.quant = QuantizedWeights(QuantSpec(kind, block, fmt, row_pad=row_pad), {"w": t})
@@ -85,20 +115,24 @@ def _single_matmul(fmt: str, bits: int, block: int, w: np.ndarray, opset: int, r
 @pytest.mark.parametrize("asymmetric", [False, True])
 def test_quantized_matmul_within_bound(fmt, opset, bits, asymmetric):
     """ORT's output vs x @ W (float): within the bound the quantization steps give, term by term:
-    weights |x| @ (scale/2), plus int8 activations (accuracy level 4: per block of x, step max|x|/127)
-    |dx| @ |q*scale| with |dx| <= max|x_block| / 254 (an asymmetric grid's offset term is fp32)."""
+    weights |x| @ |W - Wq| (at most half a step each, a step for the full grid's far side), plus int8
+    activations (accuracy level 4: per block of x, step max|x|/127) |dx| @ |q*scale| with
+    |dx| <= max|x_block| / 254 (an asymmetric grid's offset term is fp32)."""
     rng = np.random.default_rng(bits)
     K, N, block = 80, 40, 32  # 80: a partial last block
     w = rng.standard_normal((K, N)).astype(np.float32) + (1.5 if asymmetric else 0)  # off-centre weights
     x = rng.standard_normal((3, K)).astype(np.float32)
-    sess, t = _single_matmul(fmt, bits, block, w, opset, asymmetric=asymmetric)
+    grid = "asymmetric" if asymmetric else "symmetric-full" if fmt == "matmulnbits" else "symmetric"
+    sess, t = _single_matmul(fmt, bits, block, w, opset, grid=grid)
     y = sess.run(None, {"x": x})[0]
-    step = np.repeat(t.scales, block, axis=0)[:K]  # [K, N] scale of each weight
+    step = np.abs(np.repeat(t.scales, block, axis=0)[:K])  # [K, N] step of each weight
     deq = dequantize_blocks(t.q, t.scales, block)  # q * scale, without the offset
+    werr = np.abs(w - t.dequantized(block))
+    assert (werr <= step * (1 + 1e-6)).all()
     xp = np.zeros((3, -(-K // block) * block), np.float32)
     xp[:, :K] = x
     xmax = np.abs(xp.reshape(3, -1, block)).max(-1).repeat(block, -1)[:, :K]  # [3, K]
-    bound = np.abs(x) @ (step / 2) + (xmax / 254) @ np.abs(deq)
+    bound = np.abs(x) @ werr + (xmax / 254) @ np.abs(deq)
     err = np.abs(y - x @ w)
     assert (err <= bound * 1.01 + 1e-5).all(), float((err / bound).max())
     assert err.max() > 0  # it is quantized
@@ -192,7 +226,7 @@ def test_manifest_records_weights(quant_exports):
     assert w.embeddings and w.lm_head and w.scheme == "asymmetric-rtn"
     m = load_artifact(quant_exports["int8-matmulnbits-head-b128"]).manifest
     assert (m.weights.kind, m.weights.block, m.weights.format, m.weights.lm_head) == ("int8", 128, "matmulnbits", True)
-    assert m.weights.scheme == "symmetric-rtn"  # K = 64 < 128: one partial block
+    assert m.weights.scheme == "symmetric-full-rtn"  # K = 64 < 128: one partial block; all 256 levels
     assert m.weights.accuracy_level == ACCURACY_LEVEL and m.opset == 17
     assert all(row.ok for row in m.validation) and m.validation  # contract tolerances, exact kernels
     data = json.loads((quant_exports["int4-matmulnbits"] / "manifest.json").read_text())
@@ -333,13 +367,14 @@ def test_quality_report(quant_exports, tmp_path):
     assert "perplexity" in rep.format() and rep.to_json()["exports"][0]["weights"].startswith("int4")
 
 
-@pytest.mark.parametrize("kind,scheme", [("int4", "symmetric-rtn"), ("int4", "asymmetric-rtn"), ("int8", "asymmetric-rtn")])
+@pytest.mark.parametrize("kind,scheme", [("int4", "symmetric-rtn"), ("int4", "symmetric-full-rtn"),
+                                         ("int4", "asymmetric-rtn"), ("int8", "asymmetric-rtn")])
 def test_element_bytes_match_the_stored_tensors(kind, scheme):
     """WeightsInfo.element_bytes (what the roofline cost model reads) is what QuantizedLinear stores."""
     bits = {"int4": 4, "int8": 8}[kind]
     w = np.random.default_rng(0).standard_normal((128, 48)).astype(np.float32)
     info = WeightsInfo(kind, 32, "matmulnbits", scheme=scheme)
-    t = quantize_blocks(w, bits, 32, asymmetric=scheme != "symmetric-rtn")
+    t = quantize_blocks(w, bits, 32, {"symmetric-rtn": "symmetric", "symmetric-full-rtn": "symmetric-full"}.get(scheme, "asymmetric"))
     assert t.nbytes() / w.size == info.element_bytes()
     assert quantize_blocks(w, 8, 32).nbytes() / w.size == info.element_bytes(vocab=True)
     info4 = WeightsInfo(kind, 32, "matmulnbits", scheme=scheme, lm_head=True, vocab_bits=4)

@@ -47,13 +47,12 @@ from spectrt.export.gguf_blocks import EMBEDDING as GGUF_EMBEDDING
 from spectrt.export.gguf_blocks import OUTPUT as GGUF_OUTPUT
 from spectrt.export.gguf_blocks import GGUF_BLOCK, PROJECTION_NAMES, GGUFFile
 from spectrt.runtime.artifact import (DEFAULT_WEIGHT_BLOCK, QUANT_SCHEMES, VOCAB_WEIGHT_BITS, WEIGHT_BITS,
-                                      WEIGHT_BLOCKS, WEIGHT_FORMATS, WEIGHT_SCHEMES, WeightsInfo)
+                                      WEIGHT_BLOCKS, WEIGHT_FORMATS, WeightsInfo)
 from spectrt.runtime.errors import SpectrtError
 
 WEIGHT_KINDS = ("float", "int8", "int4")
 SCHEMES = QUANT_SCHEMES
-SCHEME_RECORDS = dict(zip(SCHEMES[1:], WEIGHT_SCHEMES))  # --scheme -> the manifest's name
-FULL_GRID_RECORD = WEIGHT_SCHEMES[3]  # --scheme symmetric on the full grid (matmulnbits)
+
 BLOCK_SIZES = WEIGHT_BLOCKS
 DEFAULT_BLOCK = DEFAULT_WEIGHT_BLOCK
 DEFAULT_FORMAT = "matmulnbits"
@@ -63,7 +62,7 @@ ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (MLAS's fast path on x86/ARM
 # Rounding grids (quantize_blocks): symmetric = 2^bits - 1 levels and positive scales (TensorRT's INT8/INT4
 # DequantizeLinear: the qdq form); symmetric-full = all 2^bits levels, the block's largest-magnitude value on
 # the lowest (GGUF Q4_0's grid, and ORT's block quantizer's: the matmulnbits form); asymmetric = min..max.
-GRIDS = ("symmetric", "symmetric-full", "asymmetric")
+GRIDS = ("symmetric", "symmetric-full", "asymmetric")  # recorded as "<grid>-rtn" (WEIGHT_SCHEMES)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LM_HEAD = "lm_head"
@@ -131,8 +130,7 @@ class QuantSpec:
         """The manifest record, with the resolved ``scheme``."""
         if not self.quantized:
             return None
-        full = scheme == "symmetric" and self.grid(scheme) == "symmetric-full"
-        record = FULL_GRID_RECORD if full else SCHEME_RECORDS[scheme]
+        record = "gguf" if scheme == "gguf" else f"{self.grid(scheme)}-rtn"
         return WeightsInfo(kind=self.kind, block=self.block, format=self.format,
                            lm_head=self.lm_head or self.embeddings, embeddings=self.embeddings,
                            scheme=record,

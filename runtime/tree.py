@@ -2,7 +2,10 @@
 
 A static tree is a list of paths of top-k ranks: ``[[0], [0, 0], [1]]`` has a root (node 0, the token the
 base already chose) and one node per path: ``[0, 0]`` is "rank 0 of head 1 below rank 0 of head 0"; its
-nodes are in depth-first order, lower ranks first (``_dfs``), so the all-rank-0 path holds slots 0, 1, 2, ... A per-step token tree (``Tree.from_parents``) is any parent array whose
+nodes are in depth-first order, lower ranks first (paths sorted as tuples: a parent before its children),
+so the all-rank-0 path holds slots 0, 1, 2, ...: its rows see no masked slot between visible ones and
+accepting along it needs no causal recheck (``Decoder._recheck``; breadth-first order put every depth-1
+sibling between [0] and [0, 0]). A per-step token tree (``Tree.from_parents``) is any parent array whose
 parents come before their children; a child's "rank" is then its place among its siblings. Either way an
 accepted root path has increasing node indices, and ``accept`` walks children by token equality.
 
@@ -23,14 +26,6 @@ import numpy as np
 
 from spectrt.runtime.contract import DRAFT_LM_HEAD
 from spectrt.runtime.errors import ArtifactError, SpectrtError
-
-
-def _dfs(path: tuple) -> tuple:
-    """Sort key of a static tree's paths: depth-first, lower ranks first (a parent sorts before its children).
-    The most likely path then takes consecutive slots, so its rows see no masked slot between visible ones and
-    accepting along it needs no causal recheck (``Decoder._recheck``); breadth-first order put every sibling of
-    depth 1 between a depth-1 node and its child."""
-    return path
 
 
 @dataclass(frozen=True)
@@ -60,7 +55,7 @@ class Tree:
             isinstance(p, (list, tuple)) and all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in p) for p in paths)
         if not ok:
             raise SpectrtError("a tree is a list of paths, each a list of top-k ranks, e.g. [[0], [0, 0], [1]]")
-        paths = sorted({tuple(int(r) for r in p) for p in paths}, key=_dfs)
+        paths = sorted({tuple(int(r) for r in p) for p in paths})  # depth-first, rank 0 first
         index = {(): 0}
         for n, p in enumerate(paths, start=1):
             if not p or min(p) < 0:
@@ -114,7 +109,7 @@ class Tree:
             if len(path) < len(acc):
                 for r in range(len(acc[len(path)])):
                     heapq.heappush(heap, (neg * acc[len(path)][r], path + (r,)))
-        return _paths_tree(tuple(sorted(paths, key=_dfs)))
+        return _paths_tree(tuple(sorted(paths)))
 
     @classmethod
     def load(cls, path: str | Path) -> "Tree":

@@ -26,6 +26,7 @@ from spectrt.runtime.text import TextCodec
 from spectrt.runtime.tree import ROOT_ONLY, Tree
 
 DEFAULT_PROMPT_LIMIT = 32  # calibration prompts (of the bundled 48)
+DEFAULT_TREE_DRAFT = CALIBRATED_DRAFTS[1]  # heads+lookup: the tree is priced with the lookup chain beside it
 MAX_NODES = 64  # the largest budget tried (GPUs verify ~64 nodes for about the price of one)
 SMALL = 16  # every budget up to this one is tried, then a coarser grid
 MEASURE_ITERATIONS = 5  # timed runs per shape when the costs are measured here
@@ -130,7 +131,7 @@ def replay(acc: Acceptance, tree: Tree, draft: str, cost, draft_cost) -> tuple[f
     return tokens / steps, rows / steps, ms / steps
 
 
-def fit_tree(art: Artifact, acc: Acceptance, cost, draft: str = "heads+lookup", max_nodes: int | None = None) -> TreeChoice:
+def fit_tree(art: Artifact, acc: Acceptance, cost, draft: str = DEFAULT_TREE_DRAFT, max_nodes: int | None = None) -> TreeChoice:
     """Score every candidate budget (1 .. the cost model's largest verify, less the lookup chain) and choose
     the fastest budget of at least 2 nodes."""
     check_draft(draft)
@@ -160,7 +161,7 @@ def write_choice(art: Artifact, choice: TreeChoice, calibration: TreeCalibration
 
 
 def calibrate_tree(root, prompts: list[str], prompts_label: str, timings=None, profile=None,
-                   draft: str = "heads+lookup", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   draft: str = DEFAULT_TREE_DRAFT, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                    max_nodes: int | None = None, threads: int | None = None, write: bool = True, log=print,
                    progress=lambda it: it) -> tuple[TreeChoice, Acceptance, object]:
     """Measure acceptance on ``prompts`` (texts, chat-templated like `generate` does), cost the steps

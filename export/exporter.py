@@ -21,15 +21,16 @@ from spectrt.export.hydra import is_hydra_checkpoint
 from spectrt.export.hydra_graphs import export_hydra, validate_hydra
 from spectrt.export.onnx_graph import save_graph
 from spectrt.export.quantize import DEFAULT_SCHEME, QDQ_OPSET, QuantSpec, quantize_model
-from spectrt.export.shipped import builtin_vocab, shipped_heads
+from spectrt.export.shipped import builtin_corpus, builtin_vocab, shipped_heads
 from spectrt.export.sources import load_hf, resolve_model
 from spectrt.export.validate import VALIDATION_TEXT, validate_base
 from spectrt.export.vocabtrim import VocabTrim, hf_tokenizer_hash, load_vocab
-from spectrt.runtime.artifact import (MANIFEST, VOCAB_WEIGHT_BITS, Manifest, ModelInfo, TokenizerInfo, file_record,
-                                      load_artifact, write_manifest)
+from spectrt.runtime.artifact import (MANIFEST, VOCAB_WEIGHT_BITS, CorpusInfo, Manifest, ModelInfo, TokenizerInfo,
+                                      file_record, load_artifact, write_manifest)
 from spectrt.runtime.contract import (CONTRACT_VERSION, DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT_TOPK,
                                       DTYPE_ALIASES)
-from spectrt.runtime.errors import SpectrtError
+from spectrt.runtime.corpus import CORPUS_FILE, NgramTable
+from spectrt.runtime.errors import ArtifactError, SpectrtError
 from spectrt.runtime.golden import write_golden
 from spectrt.version import __version__
 
@@ -65,6 +66,8 @@ class ExportOptions:
     vocab_bits: int = VOCAB_WEIGHT_BITS[0]  # of the quantized LM head / embeddings
     awq: bool = False  # activation-aware scaling before rounding: needs calibrate_weights (the CLI passes it)
     calibrate_weights: WeightCalibrator | None = None  # `spectrt.calibration.awq` on calibration prompts
+    corpus: str | None = None  # n-gram table (`spectrt calibrate corpus`); None: the built-in model's shipped one
+    no_corpus: bool = False  # built-in models get their shipped table unless this is set
 
     def quant_spec(self) -> QuantSpec:
         return QuantSpec(self.weights, self.block, self.weights_format, self.quantize_lm_head, self.row_pad,
@@ -128,6 +131,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
     if quant.awq and o.calibrate_weights is None:
         raise SpectrtError("--awq needs a weight calibrator (spectrt.calibration.awq; the CLI passes it)")
     heads = _heads_path(o, source)
+    corpus = _corpus_path(o, source)
     if quant.embeddings and heads is not None and is_hydra_checkpoint(heads):
         raise SpectrtError("--quantize-embeddings: Hydra heads read the base's float embedding table; export "
                            "them without it")
@@ -154,6 +158,7 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
         model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
     dims = dataclasses.replace(dims, tied_embeddings=tied)
     trim = _vocab_trim(o, model, tok, vocab, vocab_size) if heads is not None else None  # checked before building
+    table = _load_corpus(corpus, dims.vocab) if corpus is not None else None
     inv_freq, rope_scale = rope_tables(model)
     # quantized once: the graph gets (q, scales), the torch model q * scale (validation, golden, draft heads)
     prescale = (lambda m, *args: o.calibrate_weights(m, tok, *args)) if o.calibrate_weights else None
@@ -172,6 +177,11 @@ def export_model(model_spec: str, out_dir: str | os.PathLike, options: ExportOpt
             model=ModelInfo(**dataclasses.asdict(dims), source=source.name, builtin=source.builtin),
             dtype=dtype, opset=o.opset, max_context=o.max_context, graphs=graphs,
             tokenizer=write_tokenizer(tok, model, tmp), weights=qweights.info() if qweights else None)
+        if table is not None:
+            table.save(tmp / CORPUS_FILE)
+            manifest = dataclasses.replace(manifest, corpus=CorpusInfo(
+                file=file_record(tmp, CORPUS_FILE), orders=table.orders, entries=table.entries, tokens=table.tokens,
+                source=table.source or str(corpus)))
         if heads is not None:
             steps(f"building the draft graphs from {heads}")
             target = DraftTarget(model, dims, tmp, dtype, o.opset, o.topk, o.tree, __version__, trim)
@@ -228,6 +238,26 @@ def _heads_path(o: ExportOptions, source) -> str | None:
     if not Path(o.heads).exists():
         raise SpectrtError(f"{o.heads}: no such heads directory or checkpoint")
     return o.heads
+
+
+def _corpus_path(o: ExportOptions, source) -> Path | None:
+    """--corpus FILE, else the built-in model's shipped table; none with --no-corpus."""
+    if o.no_corpus:
+        if o.corpus is not None:
+            raise SpectrtError("--no-corpus contradicts --corpus")
+        return None
+    if o.corpus is None:
+        return builtin_corpus(source.builtin)
+    if not Path(o.corpus).is_file():
+        raise SpectrtError(f"{o.corpus}: no such corpus table (make one with `spectrt calibrate corpus`)")
+    return Path(o.corpus)
+
+
+def _load_corpus(path: Path, vocab: int) -> NgramTable:
+    try:
+        return NgramTable.load(path, vocab)
+    except ArtifactError as e:
+        raise SpectrtError(str(e)) from None
 
 
 class _Steps:

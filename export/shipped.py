@@ -1,5 +1,5 @@
-"""What the repo ships for built-in models: distilled heads (``spectrt/data/heads/<model>-<kind>``) and
-VocabTrim rankings (``spectrt/data/vocab``)."""
+"""What the repo ships for built-in models: distilled heads (``spectrt/data/heads/<model>-<kind>``),
+VocabTrim rankings (``spectrt/data/vocab``) and corpus n-gram tables (``spectrt/data/corpus/<model>.npz``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,3 +36,9 @@ def builtin_vocab(builtin: str | None) -> tuple[str, int] | None:
         return None
     name, size = BUILTIN_VOCAB[builtin]
     return str(DATA / "vocab" / name), size
+
+
+def builtin_corpus(builtin: str | None) -> Path | None:
+    """The n-gram table shipped for a built-in model (``spectrt calibrate corpus``; runtime.corpus), if any."""
+    path = DATA / "corpus" / f"{builtin}.npz"
+    return path if builtin is not None and path.is_file() else None

@@ -166,6 +166,20 @@ class EmbeddingRef:
             raise Invalid(f"offset/length: {self.offset}/{self.length} is not a byte range")
 
 
+@dataclass(frozen=True)
+class CorpusInfo:
+    """The n-gram table of the base model's own answers that corpus drafting reads (``runtime.corpus``)."""
+
+    file: FileRecord
+    orders: int  # longest context n-gram
+    entries: int  # n-grams in the table, all orders
+    tokens: int  # answer tokens it was counted from
+    source: str  # how it was made (model, prompts)
+
+    def _validate(self) -> None:
+        _positive(self, "orders", "entries", "tokens")
+
+
 DRAFT_KINDS = ("medusa", "hydra")
 HYDRA_ARCHS = ("mlp", "prefix-mlp")
 MAX_TREE_NODES = 4096  # a verify call's rows; a larger node budget is a damaged manifest
@@ -382,6 +396,7 @@ class Manifest:
     engines: dict[str, EngineRecord] = field(default_factory=dict)
     golden: FileRecord | None = None  # greedy ids for `spectrt selftest` (runtime.golden)
     weights: WeightsInfo | None = None  # weight-only quantization of base.onnx; None: float weights
+    corpus: CorpusInfo | None = None  # n-gram table for corpus drafting; None: none shipped
 
     def _validate(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
@@ -589,6 +604,10 @@ class Artifact:
     def draft(self) -> DraftInfo | None:
         return self.manifest.draft
 
+    @property
+    def corpus(self) -> CorpusInfo | None:
+        return self.manifest.corpus
+
     def has_graph(self, name: str) -> bool:
         return name in self.manifest.graphs
 
@@ -612,8 +631,10 @@ class Artifact:
         return self.root / rel
 
     def files(self) -> list[FileRecord]:
-        golden = [self.manifest.golden] if self.manifest.golden else []
-        return [f for g in self.manifest.graphs.values() for f in g.files] + golden
+        extra = [self.manifest.golden] if self.manifest.golden else []
+        if self.corpus is not None:
+            extra.append(self.corpus.file)
+        return [f for g in self.manifest.graphs.values() for f in g.files] + extra
 
     def verify(self, hashes: bool = False) -> None:
         """Every listed file exists with its recorded size; with ``hashes``, also its sha256 (reads every byte)."""
@@ -679,7 +700,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
             tmp.unlink()
 
 
-__all__ = ["Artifact", "DecoderDims", "DraftInfo", "EmbeddingRef", "EngineRecord", "FileRecord", "FORMAT_VERSION", "GraphRecord",
+__all__ = ["Artifact", "CorpusInfo", "DecoderDims", "DraftInfo", "EmbeddingRef", "EngineRecord", "FileRecord", "FORMAT_VERSION", "GraphRecord",
            "Invalid", "MANIFEST", "MAX_TREE_NODES", "TreeCalibration", "decode_json", "encode_json", "Manifest", "ModelInfo", "OptimizationProfileRecord", "TokenizerInfo",
            "ValidationRow", "VocabTrimInfo", "WeightsInfo", "atomic_write", "engine_key", "file_record", "load_artifact",
            "parse_manifest", "sha256_file", "write_manifest"]

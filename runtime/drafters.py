@@ -3,20 +3,23 @@
 Medusa: one heads call and one draft-LM-head call on the last accepted hidden state; node n of its static
 tree takes rank ``rank[n]`` of head ``depth[n] - 1``; a dynamic tree is chosen each step from those calls'
 probabilities. Hydra (sequential heads) lives in ``runtime.hydra``, context drafting ("prompt lookup", no
-weights) in ``runtime.lookup``. ``MergedDrafter`` composes drafters: their trees merged into one token tree
-under one node budget.
+weights) in ``runtime.lookup``, corpus drafting (an n-gram table of the model's own answers) in
+``runtime.corpus``. ``MergedDrafter`` composes drafters: their trees merged into one token tree under one
+node budget.
 """
 from __future__ import annotations
 
+import itertools
 from contextlib import ExitStack
 
 import numpy as np
 
 from spectrt.runtime.artifact import Artifact, DraftInfo
+from spectrt.runtime.corpus import CorpusDrafter, NgramTable
 from spectrt.runtime.errors import ArtifactError, SpectrtError
 from spectrt.runtime.hydra import DynamicHydraDrafter, HydraDrafter
 from spectrt.runtime.lookup import LookupDrafter
-from spectrt.runtime.protocols import Runners
+from spectrt.runtime.protocols import ChainDrafter, Runners
 from spectrt.runtime.tree import LOGPROBS, ROOT_ONLY, TREE_DYNAMIC, Draft, DynamicTree, StaticTreeDrafter, Tree
 
 
@@ -96,9 +99,10 @@ class DynamicMedusaDrafter(MedusaDrafter):
 class MergedDrafter:
     """Several drafters' trees merged into one token tree of at most ``max_nodes`` nodes (root included).
 
-    Drafters are asked in order, each with the budget still free; a node whose token equals a sibling's
-    (from an earlier drafter) is the same node, so e.g. a lookup chain and the heads' rank-0 path share
-    nodes; nodes past the budget, and their subtrees, are dropped. Any tree verifies exactly, so the
+    Drafters are asked in order (chain drafters first, by this step's ``priority``), each with the budget
+    still free; a node whose token equals a sibling's (from an earlier drafter) is the same node, so e.g. a
+    lookup chain and the heads' rank-0 path share nodes; nodes past the budget, and their subtrees, are
+    dropped. Any tree verifies exactly, so the
     output is the base model's whatever the drafters propose.
     """
 
@@ -131,7 +135,12 @@ class MergedDrafter:
     def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
         budget = min(budget, self.max_nodes)
         tokens, parent, kids = [int(root)], [-1], [{}]  # merged tree; kids[node]: {token: child node}
-        for d in self.drafters:
+        # drafters that rank their own step (chain drafters' ``priority``) go first, higher first; the rest
+        # (the heads' tree) keep their place after them. The first slots are the likeliest path's: an
+        # accepted path on consecutive slots needs no causal recheck (Decoder._recheck)
+        chains = sorted((-d.priority(root), i) for i, d in enumerate(self.drafters) if isinstance(d, ChainDrafter))
+        order = [self.drafters[i] for _, i in chains] + [d for d in self.drafters if not isinstance(d, ChainDrafter)]
+        for d in order:
             if len(tokens) >= budget:
                 break
             part = d.draft(root, hidden, budget - len(tokens) + 1)
@@ -152,7 +161,30 @@ class MergedDrafter:
 
 DRAFTERS = {"medusa": MedusaDrafter, "hydra": HydraDrafter}
 DYNAMIC_DRAFTERS = {"medusa": DynamicMedusaDrafter, "hydra": DynamicHydraDrafter}
-DRAFT_SOURCES = ("heads", "lookup", "heads+lookup")  # what `--draft` takes
+# draft sources (`--draft`): "+"-joined parts, named in this order; merged, the chains (lookup, corpus) go
+# first in this step's priority order, then the heads' tree (MergedDrafter: equal nodes are shared)
+DRAFT_PARTS = ("heads", "lookup", "corpus")
+DRAFT_SOURCES = tuple("+".join(c) for r in range(1, len(DRAFT_PARTS) + 1) for c in itertools.combinations(DRAFT_PARTS, r))
+
+
+def default_draft(artifact: Artifact) -> str:
+    """Every draft source the export has: its heads (if any), the context lookup, its corpus table (if any)."""
+    return "+".join(p for p, has in zip(DRAFT_PARTS, (artifact.draft is not None, True, artifact.corpus is not None))
+                    if has)
+
+
+def draft_parts(artifact: Artifact, draft: str) -> frozenset[str]:
+    """The parts of ``draft`` (one of DRAFT_SOURCES), checked against what the export has."""
+    if draft not in DRAFT_SOURCES:
+        raise SpectrtError(f"unknown draft source '{draft}' (choose from {', '.join(DRAFT_SOURCES)})")
+    parts = frozenset(draft.split("+"))
+    if "heads" in parts and artifact.draft is None:
+        raise SpectrtError(f"{artifact.root}: no draft heads in this export; use --draft lookup, --mode ar or "
+                           "export --heads")
+    if "corpus" in parts and artifact.corpus is None:
+        raise SpectrtError(f"{artifact.root}: no corpus table in this export (export --corpus FILE, made by "
+                           "`spectrt calibrate corpus`)")
+    return parts
 
 
 def heads_tree(draft: DraftInfo, tree: str | None = None, nodes: int | None = None) -> Tree | DynamicTree:
@@ -175,18 +207,25 @@ def heads_drafter(artifact: Artifact, tree: Tree | DynamicTree, runners: Runners
 
 
 def drafter_for(artifact: Artifact, tree: Tree | DynamicTree | None, runners: Runners, draft: str = "heads"):
-    """``draft``: "heads" (the export's heads on ``tree``), "lookup" (context drafting, no weights) or
-    "heads+lookup" (the lookup first, then the heads' tree, merged). With a static tree the lookup's chain
-    comes on top of the tree's nodes; a dynamic tree's node budget is shared: the lookup sized to it
-    (``LookupDrafter.for_budget``: longer chains and other matches' branches for big budgets), the heads'
-    tree grown in what is left."""
-    if draft not in DRAFT_SOURCES:
-        raise SpectrtError(f"unknown draft source '{draft}' (choose from {', '.join(DRAFT_SOURCES)})")
-    if draft == "lookup":
-        return LookupDrafter()
-    heads = heads_drafter(artifact, tree, runners)
-    if draft == "heads":
-        return heads
-    if isinstance(tree, DynamicTree):
-        return MergedDrafter([LookupDrafter.for_budget(tree.size), heads], tree.size)
-    return MergedDrafter([LookupDrafter(), heads])
+    """``draft``: one of DRAFT_SOURCES -- "heads" (the export's heads on ``tree``), "lookup" (context drafting,
+    no weights), "corpus" (the export's n-gram table) or several merged (lookup, corpus, heads). With a
+    static tree the chains come on top of the tree's nodes; a dynamic tree's node budget is shared: the
+    lookup sized to it (``LookupDrafter.for_budget``: longer chains and other matches' branches for big
+    budgets), the heads' tree grown in what is left."""
+    parts = draft_parts(artifact, draft)
+    budget = tree.size if isinstance(tree, DynamicTree) else None
+    drafters: list = []
+    if "lookup" in parts:
+        drafters.append(LookupDrafter() if budget is None else LookupDrafter.for_budget(budget))
+    if "corpus" in parts:
+        drafters.append(corpus_drafter(artifact))
+    if "heads" in parts:
+        drafters.append(heads_drafter(artifact, tree, runners))
+    return drafters[0] if len(drafters) == 1 else MergedDrafter(drafters, budget)
+
+
+def corpus_drafter(artifact: Artifact) -> CorpusDrafter:
+    """A chain drafter on the export's n-gram table (``runtime.corpus``)."""
+    if artifact.corpus is None:
+        raise ArtifactError(f"{artifact.root}: no corpus table in this export")
+    return CorpusDrafter(NgramTable.load(artifact.path(artifact.corpus.file.path), artifact.model.vocab))

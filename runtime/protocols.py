@@ -85,6 +85,14 @@ class Drafter(Protocol):
     def reset(self) -> None: ...
 
 
+@runtime_checkable
+class ChainDrafter(Drafter, Protocol):
+    """A drafter that ranks its own step: ``priority(root)`` orders it among the others in a merged tree
+    (``drafters.MergedDrafter``: higher first, drafters without a priority after them)."""
+
+    def priority(self, root: int) -> float: ...
+
+
 class Runners(Protocol):
     """Makes the runners of one artifact on one backend (ONNX Runtime, TensorRT)."""
 
@@ -95,4 +103,4 @@ class Runners(Protocol):
     def graph(self, name: str, max_batch: int) -> GraphRunner: ...
 
 
-__all__ = ["KVRunner", "BaseRunner", "PrefixRunner", "GraphRunner", "Drafter", "Runners"]
+__all__ = ["KVRunner", "BaseRunner", "PrefixRunner", "GraphRunner", "Drafter", "ChainDrafter", "Runners"]

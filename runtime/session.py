@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from spectrt.runtime.artifact import Artifact, load_artifact
 from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
-from spectrt.runtime.drafters import DRAFT_SOURCES, drafter_for, heads_tree
+from spectrt.runtime.drafters import default_draft, draft_parts, drafter_for, heads_tree
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder, GenerationResult
 from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, OrtBaseRunner, OrtGraphRunner, OrtPrefixRunner
@@ -17,7 +17,6 @@ from spectrt.runtime.tree import DynamicTree, Tree
 
 DEFAULT_MAX_NEW_TOKENS = 128
 MODES = ("spec", "ar")
-DEFAULT_DRAFT = "heads+lookup"  # fastest measured (SmolLM2 CPU, 2 x 8 Spec-Bench prompts); no heads: "lookup"
 
 
 @dataclass
@@ -30,8 +29,8 @@ class SessionConfig:
     mode: str | None = None  # None: "spec" when the export has draft heads or a draft is asked for, else "ar"
     tree: str | None = None  # tree JSON path, or "dynamic" (grown per step); None: the export's static tree
     tree_nodes: int | None = None  # node budget of a dynamic tree (root included); None: the export's
-    draft: str | None = None  # one of DRAFT_SOURCES; None: DEFAULT_DRAFT with draft heads, else "lookup"
-    # (an export without heads decodes autoregressively unless mode="spec" or draft="lookup")
+    draft: str | None = None  # one of DRAFT_SOURCES; None: all the export has (drafters.default_draft)
+    # (an export without heads decodes autoregressively unless mode="spec" or a draft is asked for)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     verify: bool = False  # re-hash every file against the manifest before loading
     sampling: SamplingConfig = GREEDY  # temperature 0: greedy
@@ -83,15 +82,12 @@ class SpecSession:
         self.artifact = load_artifact(artifact_dir, verify_hashes=c.verify)
         self.codec = TextCodec(self.artifact)
         heads = self.artifact.draft
-        self.draft = c.draft or (DEFAULT_DRAFT if heads else "lookup")
-        if self.draft not in DRAFT_SOURCES:
-            raise SpectrtError(f"unknown draft source '{self.draft}' (choose from {', '.join(DRAFT_SOURCES)})")
+        self.draft = c.draft or default_draft(self.artifact)
         mode = c.mode or ("spec" if heads or c.draft else "ar")
         if mode not in MODES:
             raise SpectrtError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
-        if mode == "spec" and not heads and self.draft != "lookup":
-            raise SpectrtError(f"{self.artifact.root}: no draft heads in this export; use --draft lookup, "
-                               "--mode ar or export --heads")
+        if mode == "spec":
+            draft_parts(self.artifact, self.draft)  # fail here, before any runner exists
         self.mode = mode
         self.runners = BACKENDS[c.backend](self.artifact, c)
         self.tree: Tree | DynamicTree | None = None  # the heads' tree

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from spectrt.runtime.artifact import load_artifact
+from spectrt.runtime.corpus import NgramTable
 from spectrt.runtime.generate import Decoder
 from spectrt.runtime.ort_runner import OrtBaseRunner
 from spectrt.runtime.session import SessionConfig, SpecSession
@@ -54,12 +55,8 @@ def patterned_base(path):
     return model
 
 
-def distill_all(model, root) -> dict:
-    """Medusa, Hydra and Hydra++ heads distilled on the base's greedy continuations of cycle prompts."""
-    from spectrt.calibration.config import DistillConfig, HydraDistillConfig
-    from spectrt.calibration.distill import distill_samples
-    from spectrt.calibration.distill_hydra import distill_hydra_samples
-
+def base_answers(model) -> list[tuple[list[int], list[int]]]:
+    """(prompt, greedy continuation) of the base for a cycle prompt from every token of the pattern."""
     samples = []
     for s in range(len(CYCLE)):
         prompt = torch.tensor([cycle(s, 8)])
@@ -67,6 +64,15 @@ def distill_all(model, root) -> dict:
             out = model.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=1)
         samples.append((prompt[0].tolist(), out[0, 8:].tolist()))
     assert samples[0][1] == cycle(8, 32), "the base does not follow the pattern"
+    return samples
+
+
+def distill_all(model, root, samples) -> dict:
+    """Medusa, Hydra and Hydra++ heads distilled on the base's greedy continuations of cycle prompts."""
+    from spectrt.calibration.config import DistillConfig, HydraDistillConfig
+    from spectrt.calibration.distill import distill_samples
+    from spectrt.calibration.distill_hydra import distill_hydra_samples
+
     common = dict(heads=HEADS, epochs=4, lr=1e-2, batch_size=64, holdout=0.1, cache_dir=str(root / "cache"),
                   half=False, bf16=False)
     quiet = dict(progress=False, log=lambda *_: None)
@@ -90,11 +96,16 @@ def exports(tmp_path_factory):
     torch.set_num_threads(1)  # tiny matmuls: one thread is ~10x faster than two on a busy 2-core machine
     try:
         model = patterned_base(root / "base")
-        heads = distill_all(model, root)
+        samples = base_answers(model)
+        heads = distill_all(model, root, samples)
+        # corpus drafting's table: the base's answers (half of them: the pattern is still covered)
+        NgramTable.from_sequences([a for _, a in samples[::2]], 256).save(root / "corpus.npz")
+        heads["medusa+corpus"] = heads["medusa"]
         with pytest.MonkeyPatch.context() as mp:  # golden tokens are not what these tests are about: 2, not 32
             mp.setattr(exporter, "make_golden", functools.partial(exporter.make_golden, max_new_tokens=2))
             return {kind: exporter.export_model(str(root / "base"), root / f"export-{kind}", exporter.ExportOptions(
-                        max_context=256, heads=str(h), topk=TOPK, tree=TREE, validate=False), progress=lambda *_: None)
+                        max_context=256, heads=str(h), topk=TOPK, tree=TREE, validate=False,
+                        corpus=str(root / "corpus.npz") if "corpus" in kind else None), progress=lambda *_: None)
                     for kind, h in heads.items()}
     finally:
         torch.set_num_threads(threads)
@@ -123,6 +134,7 @@ def _dynamic():
 @pytest.mark.parametrize("kind,draft,dynamic", [
     ("medusa", "heads", False), ("hydra", "heads", False), ("hydra++", "heads", False),
     ("medusa", "lookup", False), ("medusa", "heads+lookup", False),
+    ("medusa+corpus", "corpus", False), ("medusa+corpus", "heads+lookup+corpus", True),
     ("medusa", "heads", True), ("hydra", "heads", True), ("hydra++", "heads", True)])
 def test_drafter_accepts_well_over_one_token(exports, reference, kind, draft, dynamic):
     config = {"draft": draft}

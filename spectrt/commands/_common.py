@@ -18,7 +18,7 @@ from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, PROVIDERS
 from spectrt.runtime.sampling import GREEDY, SamplingConfig
 from spectrt.runtime.drafters import DRAFT_SOURCES
-from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND, DEFAULT_DRAFT
+from spectrt.runtime.session import BACKENDS, DEFAULT_BACKEND
 from spectrt.runtime.tree import TREE_DYNAMIC
 
 
@@ -155,9 +155,10 @@ decoding_options = _apply([
     click.option("--tree-nodes", type=IntRange(min=1), default=None, metavar="N",
                  show_default="the export's node budget", help=f"node budget (root included) of --tree {TREE_DYNAMIC}"),
     click.option("--draft", type=click.Choice(DRAFT_SOURCES), default=None,
-                 show_default=f"{DEFAULT_DRAFT} with draft heads, else none (AR)",
+                 show_default="all the export has (heads, lookup, corpus) with draft heads, else none (AR)",
                  help="speculative drafts: the export's heads, context lookup (n-gram copy from prompt + output, "
-                      "no weights: spec mode even without heads), or both merged into one tree"),
+                      "no weights: spec mode even without heads), the export's corpus table (n-grams of the model's "
+                      "own answers), or several merged into one tree"),
     click.option("--max-context", type=IntRange(min=1), default=None, show_default="the export's",
                  help="cap the KV cache (tokens: prompt + output)"),
 ])

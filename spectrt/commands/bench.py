@@ -6,7 +6,6 @@ import click
 from spectrt.commands._common import (IntRange, backend_options, command, profile_name, sampling_config,
                                      sampling_options, write_json)
 from spectrt.runtime.drafters import DRAFT_SOURCES
-from spectrt.runtime.session import DEFAULT_DRAFT
 from spectrt.runtime.tree import TREE_DYNAMIC
 
 
@@ -69,7 +68,7 @@ def _export_facts(path: str) -> tuple[str, int]:
 @click.option("--tree-nodes", type=IntRange(min=1), default=None, metavar="N", show_default="the export's node budget",
               help=f"node budget (root included) of --tree {TREE_DYNAMIC}")
 @click.option("--draft", "drafts", type=DraftSources(), default=None,
-              show_default=f"{DEFAULT_DRAFT} with draft heads, else none (AR only)",
+              show_default="all the export has (heads, lookup, corpus) with draft heads, else none (AR only)",
               help=f"draft sources to compare, comma-separated ({', '.join(DRAFT_SOURCES)}): one row each, "
                    "on the same prompts and base")
 @click.option("--transformers", is_flag=True,

@@ -1,14 +1,18 @@
-"""`spectrt calibrate vocab -m MODEL -o VOCAB.json [--size N | --coverage C]` and `spectrt calibrate tree DIR
-[--timings PROFILE.json | --profile P]`: calibration for draft-side options."""
+"""`spectrt calibrate vocab -m MODEL -o VOCAB.json [--size N | --coverage C]`, `spectrt calibrate tree DIR
+[--timings PROFILE.json | --profile P]` and `spectrt calibrate corpus -m MODEL -o TABLE.npz`: calibration for
+draft-side options."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
 from spectrt.calibration.acceptance import DEFAULT_MAX_NEW_TOKENS
-from spectrt.calibration.trees import DEFAULT_PROMPT_LIMIT
+from spectrt.calibration.corpus import DEFAULT_CORPUS_TOKENS
+from spectrt.calibration.trees import DEFAULT_PROMPT_LIMIT, DEFAULT_TREE_DRAFT
 from spectrt.calibration.vocab import DEFAULT_CALIBRATION_TOKENS, DEFAULT_COVERAGE
 from spectrt.runtime.artifact import CALIBRATED_DRAFTS
-from spectrt.runtime.session import DEFAULT_DRAFT
+from spectrt.runtime.corpus import DEFAULT_MIN_TOTAL, DEFAULT_ORDERS
 from spectrt.commands._common import FloatRange, IntRange, SpectrtGroup, complete_profiles, write_json
 from spectrt.commands._common import command as spectrt_command
 
@@ -70,7 +74,7 @@ command.add_command(vocab)
 @click.option("--limit", type=IntRange(min=1), default=DEFAULT_PROMPT_LIMIT, metavar="N", help="use the first N prompts")
 @click.option("-n", "--max-new-tokens", type=IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
               help="greedy continuation per prompt")
-@click.option("--draft", type=click.Choice(CALIBRATED_DRAFTS), default=DEFAULT_DRAFT,
+@click.option("--draft", type=click.Choice(CALIBRATED_DRAFTS), default=DEFAULT_TREE_DRAFT,
               help="the drafts the tree serves: the heads alone, or merged with the lookup chain")
 @click.option("--max-nodes", type=IntRange(min=2), default=None, metavar="N", show_default="the costs' largest verify",
               help="try budgets up to N nodes")
@@ -107,3 +111,45 @@ def tree(dir, timings, profile, prompts, limit, max_new_tokens, draft, max_nodes
 
 
 command.add_command(tree)
+
+
+@spectrt_command("corpus", short_help="n-gram table of the model's own answers, for corpus drafting")
+@click.option("-m", "--model", default="smollm2-135m", help="HF model directory, .gguf file or built-in name")
+@click.option("--prompts", default=None, metavar="FILE", show_default="the bundled calibration set",
+              help="JSONL with 'prompt' or 'turns' (never benchmark text)")
+@click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
+              help="use the first N prompts")
+@click.option("-o", "--output", required=True, metavar="TABLE.npz", help="where the table goes")
+@click.option("--orders", type=IntRange(min=1), default=DEFAULT_ORDERS, metavar="N",
+              help="longest context n-gram (capped by what 64-bit keys hold for the vocabulary)")
+@click.option("--min-total", type=IntRange(min=1), default=DEFAULT_MIN_TOTAL, metavar="N",
+              help="keep n-grams seen at least N times")
+@click.option("--max-new-tokens", type=IntRange(min=1), default=DEFAULT_CORPUS_TOKENS,
+              help="greedy answer length per prompt")
+@click.option("--batch-size", type=IntRange(min=1), default=16, help="prompts per generation batch")
+@click.option("--cache", default=None, metavar="FILE", show_default="shared with distill", help="generation cache file")
+@click.option("--threads", type=IntRange(min=1), default=None, help="torch CPU threads for generation")
+def corpus(model, prompts, limit, output, orders, min_total, max_new_tokens, batch_size, cache, threads) -> int:
+    """Corpus drafting: generate greedy answers with MODEL (cached, shared with distill and vocab), count
+    every n-gram -> next token and write TABLE.npz for `spectrt export --corpus` (drafts that continue the
+    model's habitual phrasing; no model call at draft time)."""
+    import torch
+
+    from spectrt.calibration.corpus import calibrate_corpus
+    from spectrt.calibration.prompts import CALIBRATION_PROMPTS, load_prompts
+    from spectrt.export.sources import load_hf
+
+    prompts_path = prompts or CALIBRATION_PROMPTS
+    texts = load_prompts(prompts_path, limit)  # fail fast, before loading the model
+    if threads:
+        torch.set_num_threads(threads)
+    hf_model, tok = load_hf(model)
+    name = Path(str(prompts_path)).name
+    table = calibrate_corpus(hf_model, tok, texts, output, orders, min_total, max_new_tokens, cache, batch_size,
+                             source=f"{model} greedy answers (<= {max_new_tokens} tokens) to {len(texts)} prompts of {name}")
+    print(f"{table.entries} n-grams (orders 1..{table.orders}, seen >= {min_total} times) from {table.tokens} "
+          f"answer tokens -> {output}")
+    return 0
+
+
+command.add_command(corpus)

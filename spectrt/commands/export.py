@@ -33,6 +33,10 @@ from spectrt.runtime.contract import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, DEFAULT
               help="keep the top N tokens (of --vocab, or calibrated on the bundled prompts)")
 @click.option("--full-vocab", is_flag=True,
               help="no VocabTrim (built-in models otherwise get their bundled ranking and default N)")
+@click.option("--corpus", default=None, metavar="TABLE.npz",
+              help="n-gram table of the model's own answers for corpus drafting (spectrt calibrate corpus); built-in "
+                   "models get their shipped table")
+@click.option("--no-corpus", is_flag=True, help="no corpus table")
 @click.option("--weights", type=click.Choice(["float", "int8", "int4"]), default="float",
               help="weight-only quantization of base.onnx's projection weights (block-wise; see --scheme)")
 @click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default=QUANT_SCHEMES[0],

@@ -30,8 +30,8 @@ from spectrt.runtime.tree import ROOT_ONLY, Draft, Tree
 
 DEFAULT_ORDERS = 4  # longest context n-gram (fewer when the vocabulary is too large to pack 4 tokens in 64 bits)
 DEFAULT_MIN_TOTAL = 2  # an n-gram seen once predicts little
-DEFAULT_MAX_TOKENS = 4
-DEFAULT_MIN_PROB = 0.1  # stop a chain when the product of its tokens' frequencies drops below this
+DEFAULT_MAX_TOKENS = 3
+DEFAULT_MIN_PROB = 0.2  # stop a chain when the product of its tokens' frequencies drops below this
 CORPUS_FILE = "corpus.npz"  # its name inside an export
 
 

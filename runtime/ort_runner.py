@@ -17,12 +17,13 @@ from spectrt.runtime.artifact import Artifact
 from spectrt.runtime.contract import BASE, HYDRA_PREFIX, MODEL_DTYPE, GraphSpec, io_mismatch
 from spectrt.runtime.errors import ArtifactError, SpectrtError
 
+CPU_PROVIDER = "cpu"  # the one provider whose verify rows cost about as much as a decode step's share each
 PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
+    CPU_PROVIDER: "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-DEFAULT_PROVIDER = "cpu"
+DEFAULT_PROVIDER = CPU_PROVIDER
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
 
 

@@ -9,7 +9,7 @@ from spectrt.runtime.contract import DEFAULT_PREFILL_CHUNK
 from spectrt.runtime.drafters import default_draft, draft_parts, drafter_for, heads_tree
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder, GenerationResult
-from spectrt.runtime.ort_runner import DEFAULT_PROVIDER, OrtBaseRunner, OrtGraphRunner, OrtPrefixRunner
+from spectrt.runtime.ort_runner import CPU_PROVIDER, DEFAULT_PROVIDER, OrtBaseRunner, OrtGraphRunner, OrtPrefixRunner
 from spectrt.runtime import trt_runner
 from spectrt.runtime.sampling import GREEDY, SamplingConfig
 from spectrt.runtime.text import StreamPrinter, TextCodec
@@ -29,7 +29,7 @@ class SessionConfig:
     mode: str | None = None  # None: "spec" when the export has draft heads or a draft is asked for, else "ar"
     tree: str | None = None  # tree JSON path, or "dynamic" (grown per step); None: the export's static tree
     tree_nodes: int | None = None  # node budget of a dynamic tree (root included); None: the export's
-    draft: str | None = None  # one of DRAFT_SOURCES; None: all the export has (drafters.default_draft)
+    draft: str | None = None  # one of DRAFT_SOURCES; None: drafters.default_draft (for the backend)
     # (an export without heads decodes autoregressively unless mode="spec" or a draft is asked for)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     verify: bool = False  # re-hash every file against the manifest before loading
@@ -82,7 +82,7 @@ class SpecSession:
         self.artifact = load_artifact(artifact_dir, verify_hashes=c.verify)
         self.codec = TextCodec(self.artifact)
         heads = self.artifact.draft
-        self.draft = c.draft or default_draft(self.artifact)
+        self.draft = c.draft or default_draft(self.artifact, cheap_rows=c.backend == "trt" or c.provider != CPU_PROVIDER)
         mode = c.mode or ("spec" if heads or c.draft else "ar")
         if mode not in MODES:
             raise SpectrtError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")

@@ -151,7 +151,8 @@ def test_export_records_the_table(corpus_export, table_file):
     assert c is not None and c.file.path == "corpus.npz" and c.source == "tiny llama on [50] * 24"
     table = NgramTable.load(table_file)
     assert (c.entries, c.tokens, c.orders) == (table.entries, table.tokens, table.orders)
-    assert default_draft(art) == "heads+lookup+corpus"
+    assert default_draft(art) == "heads+lookup+corpus"  # GPUs: every source
+    assert default_draft(art, cheap_rows=False) == "lookup+corpus"  # a CPU: the heads cost what they add
     assert set(DRAFT_SOURCES) >= {"corpus", "lookup+corpus", "heads+lookup+corpus"}
 
 
@@ -161,9 +162,9 @@ def test_session_default_draft_uses_the_table(corpus_export):
     with SpecSession(corpus_export, SessionConfig(mode="ar")) as s:
         ids = s.codec.encode("hello there")
         ar = s.generate(ids, 60)
-    for draft in (None, "corpus", "lookup+corpus"):
+    for draft in (None, "corpus", "heads+lookup+corpus"):
         with SpecSession(corpus_export, SessionConfig(draft=draft)) as s:
-            assert s.mode == "spec" and s.draft == (draft or "heads+lookup+corpus")
+            assert s.mode == "spec" and s.draft == (draft or "lookup+corpus")  # the CPU default
             assert s.generate(ids, 60).tokens == ar.tokens
 
 

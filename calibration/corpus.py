@@ -7,15 +7,14 @@ build one from benchmark text: the table would hold the answers being measured.
 """
 from __future__ import annotations
 
-from spectrt.calibration.generations import default_generations_path, generate_responses
+from spectrt.calibration.generations import (DEFAULT_ANSWER_TOKENS, DEFAULT_GEN_BATCH, default_generations_path,
+                                             generate_responses)
 from spectrt.runtime.corpus import DEFAULT_MIN_TOTAL, DEFAULT_ORDERS, NgramTable
-
-DEFAULT_CORPUS_TOKENS = 128  # new tokens generated per prompt
 
 
 def calibrate_corpus(model, tok, prompts: list[str], out_path, orders: int = DEFAULT_ORDERS,
-                     min_total: int = DEFAULT_MIN_TOTAL, max_new_tokens: int = DEFAULT_CORPUS_TOKENS,
-                     cache_path=None, batch_size: int = 16, source: str = "", progress: bool = True) -> NgramTable:
+                     min_total: int = DEFAULT_MIN_TOTAL, max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
+                     cache_path=None, batch_size: int = DEFAULT_GEN_BATCH, source: str = "", progress: bool = True) -> NgramTable:
     """Generate (or reuse cached) greedy answers to ``prompts``, count them, write the table to ``out_path``."""
     cache_path = cache_path or default_generations_path(model)
     pairs = generate_responses(model, tok, prompts, max_new_tokens, cache_path, batch_size, progress=progress)

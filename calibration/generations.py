@@ -22,6 +22,9 @@ from pathlib import Path
 from spectrt.export.sources import cache_root
 from spectrt.runtime.errors import SpectrtError
 
+DEFAULT_ANSWER_TOKENS = 128  # greedy answer length per prompt (VocabTrim and corpus calibration)
+DEFAULT_GEN_BATCH = 16  # prompts per generation batch
+
 
 def model_fingerprint(model) -> str:
     """A short identity for a model's weights + architecture (config without paths, sampled weights)."""
@@ -136,7 +139,7 @@ def _append(cache_path: Path, lines: list[str]) -> None:
         os.close(fd)
 
 
-def generate_responses(model, tok, prompts: list[str], max_new_tokens: int, cache_path, batch_size: int = 16,
+def generate_responses(model, tok, prompts: list[str], max_new_tokens: int, cache_path, batch_size: int = DEFAULT_GEN_BATCH,
                        progress: bool = True, prompt_ids: list[list[int]] | None = None,
                        ) -> list[tuple[list[int], list[int]]]:
     """``[(prompt_ids, response_ids)]`` in prompt order: the model's greedy answers, from/into the cache.

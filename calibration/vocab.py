@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from spectrt.calibration.generations import (default_cache_dir, default_generations_path, generate_responses,
-                                             model_fingerprint)
+from spectrt.calibration.generations import (DEFAULT_ANSWER_TOKENS, DEFAULT_GEN_BATCH, default_cache_dir,
+                                             default_generations_path, generate_responses, model_fingerprint)
 from spectrt.calibration.prompts import CALIBRATION_PROMPTS, load_prompts
 from spectrt.export.vocabtrim import VOCAB_FORMAT, VocabTrim, choose_kept, hf_tokenizer_hash, load_vocab
 from spectrt.runtime.artifact import atomic_write
 from spectrt.runtime.errors import SpectrtError
-DEFAULT_CALIBRATION_TOKENS = 128  # new tokens generated per calibration prompt
 DEFAULT_COVERAGE = 0.95  # `calibrate vocab` without --size/--coverage
 
 
@@ -58,7 +57,7 @@ def default_vocab(model, tok, size: int, progress: bool = True) -> VocabTrim:
 
 
 def calibrate_vocab(model, tok, prompts: list[str], out_path, size: int | None = None, coverage: float | None = None,
-                    max_new_tokens: int = DEFAULT_CALIBRATION_TOKENS, cache_path=None, batch_size: int = 16,
+                    max_new_tokens: int = DEFAULT_ANSWER_TOKENS, cache_path=None, batch_size: int = DEFAULT_GEN_BATCH,
                     source: str = "", progress: bool = True) -> dict:
     """Generate (or reuse cached) greedy continuations, count, choose N, write ``out_path``; returns a summary."""
     cache_path = cache_path or default_generations_path(model)

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from spectrt.calibration.acceptance import DEFAULT_MAX_NEW_TOKENS
-from spectrt.calibration.corpus import DEFAULT_CORPUS_TOKENS
+from spectrt.calibration.generations import DEFAULT_ANSWER_TOKENS, DEFAULT_GEN_BATCH
 from spectrt.calibration.trees import DEFAULT_PROMPT_LIMIT, DEFAULT_TREE_DRAFT
-from spectrt.calibration.vocab import DEFAULT_CALIBRATION_TOKENS, DEFAULT_COVERAGE
+from spectrt.calibration.vocab import DEFAULT_COVERAGE
 from spectrt.runtime.artifact import CALIBRATED_DRAFTS
 from spectrt.runtime.corpus import DEFAULT_MIN_TOTAL, DEFAULT_ORDERS
 from spectrt.commands._common import FloatRange, IntRange, SpectrtGroup, complete_profiles, write_json
@@ -22,21 +22,36 @@ def command() -> None:
     """Calibration for draft-side optimizations."""
 
 
+def answer_options(output_help: tuple[str, str]):
+    """The options of a calibration that generates the model's greedy answers (cached, shared with distill)."""
+    metavar, help_ = output_help
+    options = [
+        click.option("-m", "--model", default="smollm2-135m", help="HF model directory, .gguf file or built-in name"),
+        click.option("--prompts", default=None, metavar="FILE", show_default="the bundled calibration set",
+                     help="JSONL with 'prompt' or 'turns' (never benchmark text)"),
+        click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
+                     help="use the first N prompts"),
+        click.option("-o", "--output", required=True, metavar=metavar, help=help_),
+        click.option("--max-new-tokens", type=IntRange(min=1), default=DEFAULT_ANSWER_TOKENS,
+                     help="greedy answer length per prompt"),
+        click.option("--batch-size", type=IntRange(min=1), default=DEFAULT_GEN_BATCH, help="prompts per generation batch"),
+        click.option("--cache", default=None, metavar="FILE", show_default="shared with distill",
+                     help="generation cache file"),
+    ]
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
 @spectrt_command("vocab", short_help="VocabTrim: rank the tokens the target model generates")
-@click.option("-m", "--model", default="smollm2-135m", help="HF model directory, .gguf file or built-in name")
-@click.option("--prompts", default=None, metavar="FILE", show_default="the bundled calibration set",
-              help="JSONL with 'prompt' or 'turns'")
-@click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
-              help="use the first N prompts")
-@click.option("-o", "--output", required=True, metavar="VOCAB.json", help="where the ranking goes")
+@answer_options(("VOCAB.json", "where the ranking goes"))
 @click.option("--size", type=IntRange(min=1), default=None, metavar="N", help="keep the N most generated tokens")
 @click.option("--coverage", type=FloatRange(0, 1, min_open=True), default=None, metavar="C",
               show_default=f"{DEFAULT_COVERAGE} unless --size",
               help="smallest N covering this share of generated tokens")
-@click.option("--max-new-tokens", type=IntRange(min=1), default=DEFAULT_CALIBRATION_TOKENS,
-              help="greedy response length per prompt")
-@click.option("--batch-size", type=IntRange(min=1), default=16, help="prompts per generation batch")
-@click.option("--cache", default=None, metavar="FILE", show_default="shared with distill", help="generation cache file")
 @click.pass_context
 def vocab(ctx, model, prompts, limit, output, size, coverage, max_new_tokens, batch_size, cache) -> int:
     """VocabTrim: generate greedy responses with MODEL, rank the tokens it generates, and keep the top N
@@ -114,20 +129,11 @@ command.add_command(tree)
 
 
 @spectrt_command("corpus", short_help="n-gram table of the model's own answers, for corpus drafting")
-@click.option("-m", "--model", default="smollm2-135m", help="HF model directory, .gguf file or built-in name")
-@click.option("--prompts", default=None, metavar="FILE", show_default="the bundled calibration set",
-              help="JSONL with 'prompt' or 'turns' (never benchmark text)")
-@click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
-              help="use the first N prompts")
-@click.option("-o", "--output", required=True, metavar="TABLE.npz", help="where the table goes")
+@answer_options(("TABLE.npz", "where the table goes"))
 @click.option("--orders", type=IntRange(min=1), default=DEFAULT_ORDERS, metavar="N",
               help="longest context n-gram (capped by what 64-bit keys hold for the vocabulary)")
 @click.option("--min-total", type=IntRange(min=1), default=DEFAULT_MIN_TOTAL, metavar="N",
               help="keep n-grams seen at least N times")
-@click.option("--max-new-tokens", type=IntRange(min=1), default=DEFAULT_CORPUS_TOKENS,
-              help="greedy answer length per prompt")
-@click.option("--batch-size", type=IntRange(min=1), default=16, help="prompts per generation batch")
-@click.option("--cache", default=None, metavar="FILE", show_default="shared with distill", help="generation cache file")
 @click.option("--threads", type=IntRange(min=1), default=None, help="torch CPU threads for generation")
 def corpus(model, prompts, limit, output, orders, min_total, max_new_tokens, batch_size, cache, threads) -> int:
     """Corpus drafting: generate greedy answers with MODEL (cached, shared with distill and vocab), count

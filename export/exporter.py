@@ -255,9 +255,12 @@ def _corpus_path(o: ExportOptions, source) -> Path | None:
 
 def _load_corpus(path: Path, vocab: int) -> NgramTable:
     try:
-        return NgramTable.load(path, vocab)
+        table = NgramTable.load(path, vocab)
     except ArtifactError as e:
         raise SpectrtError(str(e)) from None
+    if table.entries == 0:
+        raise SpectrtError(f"{path}: the n-gram table is empty (too few answers for its --min-total)")
+    return table
 
 
 class _Steps:

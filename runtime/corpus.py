@@ -178,6 +178,8 @@ class CorpusDrafter:
         self.history.extend(int(t) for t in tokens)
 
     def rollback(self, n: int) -> None:
+        if not 0 <= n <= len(self.history):
+            raise SpectrtError(f"rollback of {n} tokens with {len(self.history)} observed")
         del self.history[len(self.history) - n:]
 
     def priority(self, root: int) -> float:
@@ -187,7 +189,7 @@ class CorpusDrafter:
 
     def chain(self, root: int, k: int) -> list[int]:
         """Up to ``k`` tokens after ``history + [root]`` (see the class doc)."""
-        context, prob = self.history[-self.table.orders + 1:] + [int(root)], 1.0
+        context, prob = self.history[max(0, len(self.history) - self.table.orders + 1):] + [int(root)], 1.0
         out: list[int] = []
         while len(out) < k:
             found = self.table.successor(context)

@@ -81,6 +81,11 @@ def test_chain_follows_the_table_until_unlikely():
     assert d.draft(8, H, 16).tree.size == 1  # nothing known after 8: the root alone
     d.rollback(1)
     assert d.history == [9]
+    with pytest.raises(SpectrtError, match="rollback of 2 tokens"):
+        d.rollback(2)
+    one = CorpusDrafter(NgramTable.from_sequences([[1, 2, 1, 2]], vocab=10, orders=1, min_total=1))
+    one.observe(H, np.array([7, 7, 7]))
+    assert one.draft(1, H, 8).tokens.tolist() == [1, 2, 1, 2]  # orders 1: only the root is context
     with pytest.raises(SpectrtError, match="max_tokens"):
         CorpusDrafter(t, max_tokens=0)
 
@@ -185,6 +190,10 @@ def test_missing_or_damaged_table(corpus_export, tiny_exports, tmp_path):
         load_artifact(copy)
 
 
+def tiny_vocab(tiny_models) -> int:
+    return json.loads((tiny_models["llama"] / "config.json").read_text())["vocab_size"]
+
+
 def test_export_refuses_bad_tables(tiny_models, tmp_path):
     from spectrt.export.exporter import ExportOptions, export_model
 
@@ -195,6 +204,11 @@ def test_export_refuses_bad_tables(tiny_models, tmp_path):
         export_model(str(tiny_models["llama"]), tmp_path / "a", ExportOptions(corpus=str(other), **opts),
                      progress=lambda *_: None)
     assert not (tmp_path / "a").exists()
+    empty = tmp_path / "empty.npz"
+    NgramTable.from_sequences([[1, 2]], vocab=tiny_vocab(tiny_models)).save(empty)  # one bigram, seen once
+    with pytest.raises(SpectrtError, match="table is empty"):
+        export_model(str(tiny_models["llama"]), tmp_path / "e", ExportOptions(corpus=str(empty), **opts),
+                     progress=lambda *_: None)
     with pytest.raises(SpectrtError, match="no such corpus table"):
         export_model(str(tiny_models["llama"]), tmp_path / "b", ExportOptions(corpus=str(tmp_path / "nope.npz"), **opts),
                      progress=lambda *_: None)

@@ -1,6 +1,7 @@
 """tau (tokens per verify step, bonus included) vs node budget: static trees (``Tree.from_accuracy`` on the heads'
 measured accuracies, what `spectrt export --tree N` builds) vs dynamic trees (grown each step from the heads'
-top-k log-probabilities), for each export's heads alone and merged with the 4-token lookup chain.
+top-k log-probabilities), for each export's heads alone and merged with the 4-token lookup chain, the lookup
+sized to the budget and, for exports with a corpus table, the corpus chain too.
 
 tau does not depend on the machine, and on a 2-core CPU a 64-node verify costs ~6 decode steps, so each prompt
 is decoded once (greedy AR, keeping the base's hidden state of every committed token) and every configuration
@@ -12,7 +13,7 @@ last bits, which can flip a draft at a near-tie).
 
 Usage: python docs/results/tree_budget_sweep.py OUT.json EXPORT_DIR [EXPORT_DIR ...] [--plot PNG]
        [--prompts ../shared/data/spec_bench_dev.jsonl] [--stride 15] [--limit 16] [-n 64] [--check 1]
-       [--budgets 2,4,8,16,32,64] [--beam 8]
+       [--budgets 2,4,8,16,32,64] [--beam 8] [--only CONFIG,CONFIG]
 """
 import argparse
 import json
@@ -25,7 +26,7 @@ import numpy as np
 from spectrt.calibration.prompts import load_prompt_records
 from spectrt.export.trees import choose_tree
 from spectrt.runtime.bench import Totals
-from spectrt.runtime.drafters import RootOnly, MergedDrafter, heads_drafter
+from spectrt.runtime.drafters import RootOnly, MergedDrafter, corpus_drafter, heads_drafter
 from spectrt.runtime.generate import Decoder, GenerationResult
 from spectrt.runtime.lookup import LookupDrafter
 from spectrt.runtime.session import SessionConfig, SpecSession
@@ -81,7 +82,7 @@ def replay(drafter, prompt_len, seq, hidden, new_tokens, budget):
     return res
 
 
-def drafters(session, budget, beam):
+def drafters(session, budget, beam, only=None):
     """name -> drafter of one export at one node budget."""
     art = session.artifact
     d = art.draft
@@ -94,7 +95,12 @@ def drafters(session, budget, beam):
         if 1 + tokens * branches <= budget:
             out[f"dynamic+lookup{tokens}x{branches}"] = MergedDrafter([LookupDrafter(tokens, branches=branches), dynamic],
                                                                       budget)
-    return out
+    # what `--tree dynamic --tree-nodes N --draft heads+lookup[+corpus]` runs (drafters.drafter_for)
+    out["dynamic+sized lookup"] = MergedDrafter([LookupDrafter.for_budget(budget), dynamic], budget)
+    if art.corpus is not None:
+        out["dynamic+sized lookup+corpus"] = MergedDrafter([LookupDrafter.for_budget(budget), corpus_drafter(art),
+                                                            dynamic], budget)
+    return {n: dr for n, dr in out.items() if only is None or n in only}
 
 
 def main():
@@ -110,6 +116,7 @@ def main():
     ap.add_argument("--plot", default=None)
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--beam", type=int, default=DEFAULT_BEAM, help="dynamic Hydra trees: nodes expanded per depth")
+    ap.add_argument("--only", default=None, help="comma-separated configurations to run (default: all)")
     a = ap.parse_args()
     budgets = [int(b) for b in a.budgets.split(",")]
     recs = load_prompt_records(a.prompts)[::a.stride][:a.limit]  # (category, prompt)
@@ -120,7 +127,8 @@ def main():
         with SpecSession(export, SessionConfig(mode="spec", draft="heads", prefill_chunk=CHUNK)) as s:
             d = s.artifact.draft
             kind = "hydra++" if d.is_hydra_plus else d.kind
-            configs = {b: drafters(s, b, a.beam) for b in budgets}
+            only = set(a.only.split(",")) if a.only else None
+            configs = {b: drafters(s, b, a.beam, only) for b in budgets}
             for ds in configs.values():
                 for dr in ds.values():
                     dr.__enter__()

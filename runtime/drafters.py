@@ -108,6 +108,9 @@ class MergedDrafter:
 
     def __init__(self, drafters, max_nodes: int | None = None):
         self.drafters = list(drafters)
+        # chain drafters rank their own step (``priority``); the rest (the heads' tree) follow them, in order
+        self._chains = [d for d in self.drafters if isinstance(d, ChainDrafter)]
+        self._rest = [d for d in self.drafters if not isinstance(d, ChainDrafter)]
         self.max_nodes = max_nodes or 1 + sum(d.max_nodes - 1 for d in self.drafters)
         self._stack = ExitStack()
 
@@ -135,12 +138,9 @@ class MergedDrafter:
     def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
         budget = min(budget, self.max_nodes)
         tokens, parent, kids = [int(root)], [-1], [{}]  # merged tree; kids[node]: {token: child node}
-        # drafters that rank their own step (chain drafters' ``priority``) go first, higher first; the rest
-        # (the heads' tree) keep their place after them. The first slots are the likeliest path's: an
-        # accepted path on consecutive slots needs no causal recheck (Decoder._recheck)
-        chains = sorted((-d.priority(root), i) for i, d in enumerate(self.drafters) if isinstance(d, ChainDrafter))
-        order = [self.drafters[i] for _, i in chains] + [d for d in self.drafters if not isinstance(d, ChainDrafter)]
-        for d in order:
+        # chains first, higher priority first: the first slots are the likeliest path's, and an accepted path
+        # on consecutive slots needs no causal recheck (Decoder._recheck)
+        for d in sorted(self._chains, key=lambda d: -d.priority(root)) + self._rest:
             if len(tokens) >= budget:
                 break
             part = d.draft(root, hidden, budget - len(tokens) + 1)

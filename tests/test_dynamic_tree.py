@@ -297,9 +297,8 @@ def test_merged_dynamic_heads_share_the_budget(medusa_export):
     art = load_artifact(medusa_export)
     with SpecSession(medusa_export, SessionConfig(mode="ar", prefill_chunk=16)) as s:
         heads = drafter_for(art, DynamicTree(10), s.runners, "heads")
-        merged = MergedDrafter([LookupDrafter(max_tokens=3), heads], max_nodes=10)
         rec = Recording(heads)
-        merged.drafters[1] = rec
+        merged = MergedDrafter([LookupDrafter(max_tokens=3), rec], max_nodes=10)
         with merged:
             dec = Decoder(s.base, merged, s.codec.eos_ids, 16)
             prompt = s.codec.encode("abc abc abc abc abc")

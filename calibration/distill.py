@@ -24,10 +24,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from spectrt.calibration.config import DistillConfig
 from spectrt.calibration.generations import (default_cache_dir, default_generations_path, generate_responses,
                                              model_fingerprint)
 from spectrt.export.medusa import MedusaConfig, MedusaHeads, save_medusa
+from spectrt.export.vocabtrim import hf_tokenizer_hash, load_vocab
 from spectrt.export.files import staged
 from spectrt.runtime.artifact import atomic_write
 from spectrt.runtime.errors import SpectrtError
@@ -187,13 +190,16 @@ def lm_head_dtype(cfg: DistillConfig):
     return torch.bfloat16 if use else torch.float32
 
 
-def _head_loss(heads, hidden, tidx, data: HiddenSet, lm_weight, loss: str, decay: float):
+def _head_loss(heads, hidden, tidx, data: HiddenSet, lm_weight, loss: str, decay: float, remap=None):
     """Weighted loss of one minibatch. ``hidden`` [B, H] fp32, ``tidx`` [B, K] target rows (-1: none);
-    ``lm_weight`` [V, H] in the dtype the LM-head matmuls run in (``lm_head_dtype``)."""
+    ``lm_weight`` [V, H] in the dtype the LM-head matmuls run in (``lm_head_dtype``). ``remap`` [vocab]: a
+    token's row in a trimmed ``lm_weight`` (-1: not kept; such targets do not count), None: the full one."""
     import torch
     import torch.nn.functional as F
 
     K = tidx.shape[1]
+    if remap is not None:  # targets outside the kept rows cannot be drafted: they teach nothing
+        tidx = torch.where((tidx >= 0) & (remap[data.tokens[tidx.clamp(min=0)]] >= 0), tidx, -1)
     feats = heads.features(hidden)  # [B, K, H]
     valid = tidx >= 0
     if not valid.any():
@@ -212,7 +218,8 @@ def _head_loss(heads, hidden, tidx, data: HiddenSet, lm_weight, loss: str, decay
                 logits = logits.index_put((idx,), heads.medusa_head[k][L](f[idx]))
     logp = F.log_softmax(logits.float(), dim=-1)
     if loss == "lm":
-        per = -logp.gather(1, data.tokens[rows][:, None]).squeeze(1)
+        gold = data.tokens[rows] if remap is None else remap[data.tokens[rows]]
+        per = -logp.gather(1, gold[:, None]).squeeze(1)
     else:
         with torch.no_grad():
             # row r's hidden state (position p-1+r) is where the base predicts tokens[r]: for head k at row i
@@ -226,9 +233,10 @@ def _head_loss(heads, hidden, tidx, data: HiddenSet, lm_weight, loss: str, decay
     return (w * per_head * present).sum() / (w * present).sum()
 
 
-def evaluate(heads, data: HiddenSet, lm_weight, batch_size: int = 512) -> list[dict]:
+def evaluate(heads, data: HiddenSet, lm_weight, batch_size: int = 512, kept=None) -> list[dict]:
     """Per head: top-1 / top-5 accuracy against the base's greedy tokens, and chain top-1 (heads 0..k all
-    right, i.e. a chain of k+1 drafted tokens accepted)."""
+    right, i.e. a chain of k+1 drafted tokens accepted). ``kept`` [N]: the token id of each row of a trimmed
+    ``lm_weight`` (as a trimmed export drafts: a token outside it is a miss)."""
     import torch
 
     K = heads.num_heads
@@ -246,6 +254,8 @@ def evaluate(heads, data: HiddenSet, lm_weight, batch_size: int = 512) -> list[d
         valid = t >= 0
         gold = data.tokens[t.clamp(min=0)]
         best = logits.topk(5, dim=-1).indices  # [B, K, 5]
+        if kept is not None:
+            best = kept[best]
         hit1 = (best[..., 0] == gold) & valid
         hit5 = (best == gold[..., None]).any(-1) & valid
         top1 += hit1.sum(0)
@@ -258,8 +268,9 @@ def evaluate(heads, data: HiddenSet, lm_weight, batch_size: int = 512) -> list[d
 
 
 def train_heads(heads, data: HiddenSet, lm_weight, cfg: DistillConfig, progress: bool = True,
-                heldout: HiddenSet | None = None, log=print) -> list[dict]:
-    """Train ``heads`` in place; returns per-epoch history (mean train loss, held-out top-1 per head)."""
+                heldout: HiddenSet | None = None, log=print, kept=None) -> list[dict]:
+    """Train ``heads`` in place; returns per-epoch history (mean train loss, held-out top-1 per head).
+    ``kept``: the token ids of a trimmed ``lm_weight``'s rows (``cfg.train_vocab``), None: the full vocabulary."""
     import torch
     from tqdm.auto import tqdm
 
@@ -283,6 +294,10 @@ def train_heads(heads, data: HiddenSet, lm_weight, cfg: DistillConfig, progress:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     lm_weight = lm_weight.detach().to(lm_head_dtype(cfg))
+    remap = None
+    if kept is not None:
+        remap = torch.full((max(int(kept.max()), int(data.tokens.max())) + 1,), -1, dtype=torch.long)
+        remap[kept] = torch.arange(len(kept))  # token id -> row of the trimmed LM head
     history = []
     step = 0
     for epoch in range(cfg.epochs):
@@ -294,7 +309,7 @@ def train_heads(heads, data: HiddenSet, lm_weight, cfg: DistillConfig, progress:
         for b in bar:
             rows = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             loss = _head_loss(heads, data.hidden[rows].float(), tidx_all[rows], data, lm_weight, cfg.loss,
-                              cfg.decay)
+                              cfg.decay, remap)
             if loss is None:
                 continue
             optimizer_step(opt, sched, params, loss)
@@ -305,7 +320,7 @@ def train_heads(heads, data: HiddenSet, lm_weight, cfg: DistillConfig, progress:
         bar.close()
         entry = {"epoch": epoch + 1, "train_loss": round(total_loss / max(seen, 1), 4)}
         if heldout is not None and len(heldout):
-            entry["heldout_top1"] = [r["top1"] for r in evaluate(heads, heldout, lm_weight)]
+            entry["heldout_top1"] = [r["top1"] for r in evaluate(heads, heldout, lm_weight, kept=kept)]
         history.append(entry)
         log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}"
             + (f", held-out top-1 {entry['heldout_top1']}" if "heldout_top1" in entry else ""))
@@ -335,11 +350,26 @@ def format_report(report: dict) -> str:
 
 
 def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str = "", progress: bool = True,
-                    log=print, fingerprint: str | None = None, timings: dict | None = None) -> dict:
-    """Train heads on ``[(prompt_ids, response_ids)]`` and write them (+ report.json) to ``out_dir``."""
+                    log=print, fingerprint: str | None = None, timings: dict | None = None,
+                    kept=None) -> dict:
+    """Train heads on ``[(prompt_ids, response_ids)]`` and write them (+ report.json) to ``out_dir``.
+    ``kept``: token ids (``cfg.train_vocab`` of a VocabTrim ranking) the shared LM head is trimmed to in
+    training and in the reported accuracy; None: the full vocabulary."""
+    import torch
 
     out_dir, fingerprint, cache_dir, train_idx, held_idx = training_setup(model, samples, out_dir, cfg, fingerprint)
     timings = dict(timings or {})
+    out_emb = model.get_output_embeddings()
+    if out_emb is None or getattr(out_emb, "bias", None) is not None:
+        raise SpectrtError("the base model needs a bias-free linear LM head for Medusa heads")
+    lm_weight = out_emb.weight.detach().float()
+    V, H = lm_weight.shape
+    rows_weight = lm_weight  # the LM-head rows the heads train and are measured on
+    if kept is not None:
+        kept = torch.as_tensor(np.asarray(kept, np.int64))
+        if kept.numel() == 0 or int(kept.min()) < 0 or int(kept.max()) >= V:
+            raise SpectrtError(f"the trimmed vocabulary's token ids must lie in 0..{V - 1}")
+        rows_weight = lm_weight[kept]
 
     t0 = time.time()
 
@@ -352,11 +382,6 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
     held = rows(held_idx) if held_idx else None
     timings["hidden_s"] = round(time.time() - t0, 1)
 
-    out_emb = model.get_output_embeddings()
-    if out_emb is None or getattr(out_emb, "bias", None) is not None:
-        raise SpectrtError("the base model needs a bias-free linear LM head for Medusa heads")
-    lm_weight = out_emb.weight.detach().float()
-    V, H = lm_weight.shape
     mcfg = MedusaConfig(num_heads=cfg.heads, num_layers=cfg.layers, hidden_size=H, vocab_size=V,
                         shared_lm_head=cfg.shared_lm_head, base_model_name_or_path=model_name)
     heads = MedusaHeads(mcfg)
@@ -364,11 +389,11 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
         for head in heads.medusa_head:
             head[cfg.layers].weight.data.copy_(lm_weight)
 
-    initial = evaluate(heads, held, lm_weight) if held is not None else None
+    initial = evaluate(heads, held, rows_weight, kept=kept) if held is not None else None
     t0 = time.time()
-    history = train_heads(heads, train, lm_weight, cfg, progress, heldout=held, log=log)
+    history = train_heads(heads, train, rows_weight, cfg, progress, heldout=held, log=log, kept=kept)
     timings["train_s"] = round(time.time() - t0, 1)
-    final = evaluate(heads, held, lm_weight) if held is not None else []
+    final = evaluate(heads, held, rows_weight, kept=kept) if held is not None else []
 
     report = {
         "model": model_name,
@@ -379,6 +404,7 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
         "num_layers": cfg.layers,
         "loss": cfg.loss,
         "lm_head_dtype": str(lm_head_dtype(cfg)).removeprefix("torch."),
+        "train_vocab": None if kept is None else {"size": int(kept.numel()), "ranking": cfg.vocab},
         "train": {"prompts": len(train_idx), "positions": len(train)},
         "heldout": {"prompts": len(held_idx), "positions": len(held) if held is not None else 0},
         "heads": final,
@@ -443,8 +469,19 @@ def distill(model, tok, prompts: list[str], out_dir, cfg: DistillConfig | None =
             progress: bool = True, log=print) -> dict:
     """Greedy responses (cached) -> hidden states (cached) -> trained heads in ``out_dir``; the report dict."""
     cfg = cfg or DistillConfig()
+    kept = train_vocab_ids(model, tok, cfg)  # a bad ranking fails before any generation
     samples, fingerprint, timings = base_responses(model, tok, prompts, cfg, progress, log)
-    return distill_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings)
+    return distill_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings, kept)
+
+
+def train_vocab_ids(model, tok, cfg: DistillConfig):
+    """The token ids of ``cfg.train_vocab`` (the first N of the ranking ``cfg.vocab``), None when unset."""
+    if cfg.train_vocab is None:
+        return None
+    if not cfg.vocab:
+        raise SpectrtError("--train-vocab needs a VocabTrim ranking: --vocab FILE (`spectrt calibrate vocab`)")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return load_vocab(cfg.vocab, vocab, hf_tokenizer_hash(tok), topk=1, size=cfg.train_vocab).kept_ids
 
 
 def base_responses(model, tok, prompts: list[str], cfg, progress: bool = True, log=print):

@@ -284,6 +284,14 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert "no such prompts file" in capsys.readouterr().err
     assert main(argv + ["--loss", "teacher", "--heads", "0"]) == 2
     assert "--heads must be at least 1" in capsys.readouterr().err
+    assert main(argv + ["--train-vocab", "8"]) == 2  # no ranking for a model that is not built in
+    assert "no built-in VocabTrim ranking" in capsys.readouterr().err
+    ranking = tmp_path / "vocab.json"
+    ids = list(range(5, VOCAB))
+    ranking.write_text(json.dumps({"format": "spectrt-vocabtrim/1", "vocab_size": VOCAB, "kept_ids": ids,
+                                   "counts": [1] * len(ids), "special_ids": [], "generated_tokens": len(ids)}))
+    assert main(argv + ["--train-vocab", "64", "--vocab", str(ranking)]) == 0
+    assert json.loads((out / "report.json").read_text())["train_vocab"] == {"size": 64, "ranking": str(ranking)}
 
 
 def test_response_rows_of_the_shared_cache_equal_compute_hidden(tiny, tmp_path):
@@ -302,3 +310,69 @@ def test_response_rows_of_the_shared_cache_equal_compute_hidden(tiny, tmp_path):
     torch.testing.assert_close(rows.hidden.float(), direct.hidden.float(), atol=2e-3, rtol=0)
     again = sequence_hidden(model, samples, tmp_path, "fp", 4096, progress=False, log=logs.append)
     assert any("cached" in m for m in logs) and torch.equal(again.hidden, full.hidden)
+
+
+def test_training_on_a_trimmed_vocabulary(tiny, tmp_path):
+    """--train-vocab: the heads learn over the kept rows of the LM head only; a target outside them counts
+    for nothing in the loss and as a miss in the accuracy (as a trimmed export drafts)."""
+    from spectrt.calibration.distill import _head_loss
+
+    model, _ = tiny
+    samples = _pattern_samples(48)
+    pattern = [5 + 7 * j for j in range(16)]
+    dropped = pattern[3]
+    kept = torch.tensor([t for t in pattern if t != dropped] + [1, 2, 200, 201])
+    train_idx, held_idx = split_samples(len(samples), 0.25, 0)
+    train = compute_hidden(model, [samples[i] for i in train_idx], progress=False)
+    held = compute_hidden(model, [samples[i] for i in held_idx], progress=False)
+    lm_weight = model.get_output_embeddings().weight.detach()
+    heads = MedusaHeads(MedusaConfig(2, 1, 64, VOCAB, "2"))
+    # the loss over the kept rows: cross-entropy of the trimmed logits, rows whose target was dropped ignored
+    remap = torch.full((VOCAB,), -1, dtype=torch.long)
+    remap[kept] = torch.arange(len(kept))
+    tidx = train.targets(2)
+    got = _head_loss(heads, train.hidden.float(), tidx, train, lm_weight[kept], "lm", 1.0, remap)
+    feats = heads.features(train.hidden.float())
+    terms = [[], []]
+    for i in range(len(train)):
+        for k in range(2):
+            j = int(tidx[i, k])
+            if j >= 0 and int(train.tokens[j]) != dropped:
+                logp = torch.log_softmax(feats[i, k] @ lm_weight[kept].T, -1)
+                terms[k].append(-logp[int(remap[train.tokens[j]])])
+    want = sum(torch.stack(t).mean() for t in terms) / 2
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+
+    cfg = DistillConfig(heads=2, epochs=6, lr=3e-2, batch_size=64, seed=0, train_vocab=len(kept))
+    before = evaluate(heads, held, lm_weight[kept], kept=kept)
+    train_heads(heads, train, lm_weight[kept], cfg, progress=False, heldout=held, log=lambda *_: None, kept=kept)
+    after = evaluate(heads, held, lm_weight[kept], kept=kept)
+    assert after[0]["top1"] > before[0]["top1"] + 0.3, (before, after)
+    gold = held.tokens[held.targets(2)[:, 0].clamp(min=0)][held.targets(2)[:, 0] >= 0]
+    assert after[0]["top1"] <= float((gold != dropped).float().mean()) + 1e-6  # the dropped token is never drafted
+
+
+def test_train_vocab_is_checked(tiny, tmp_path):
+    from spectrt.calibration.config import HydraDistillConfig
+    from spectrt.calibration.distill import train_vocab_ids
+
+    model, tok = tiny
+    with pytest.raises(SpectrtError, match="--lm-head shared"):
+        DistillConfig(train_vocab=8, lm_head="own").validate()
+    with pytest.raises(SpectrtError, match="at least 1"):
+        DistillConfig(train_vocab=0).validate()
+    with pytest.raises(SpectrtError, match="for medusa heads"):
+        HydraDistillConfig(arch="hydra", train_vocab=8).validate()
+    with pytest.raises(SpectrtError, match="needs a VocabTrim ranking"):
+        train_vocab_ids(model, tok, DistillConfig(train_vocab=8))
+    bad = tmp_path / "v.json"
+    bad.write_text('{"format": "spectrt-vocabtrim/1", "vocab_size": 999, "kept_ids": [1, 2]}')
+    with pytest.raises(SpectrtError, match="vocabulary of 999"):
+        train_vocab_ids(model, tok, DistillConfig(train_vocab=8, vocab=str(bad)))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"format": "spectrt-vocabtrim/1", "vocab_size": VOCAB, "kept_ids": [7, 5, 9, 2],
+                                "counts": [9, 7, 3, 0], "special_ids": [2], "generated_tokens": 19}))
+    assert train_vocab_ids(model, tok, DistillConfig(train_vocab=2, vocab=str(good))).tolist() == [7, 5, 2]
+    with pytest.raises(SpectrtError, match="token ids must lie"):
+        distill_samples(model, _pattern_samples(8), tmp_path / "o", DistillConfig(heads=1, epochs=1),
+                        progress=False, log=lambda *_: None, kept=[VOCAB + 3])

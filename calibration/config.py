@@ -35,7 +35,7 @@ class DistillConfig:
     cache_dir: str | None = None  # default: $SPECTRT_CACHE/calibration (generations + hidden states)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     bf16: bool | None = None  # frozen LM-head matmuls in bfloat16 (None: when the CPU has native bf16)
-    # shared-LM-head heads trained on the N most frequent tokens of a VocabTrim ranking only: the rows a
+    # shared-LM-head heads (Medusa, Hydra) trained on the N most frequent tokens of a VocabTrim ranking only: the rows a
     # trimmed export drafts from (its draft LM head), ~20x cheaper a step than the full vocabulary on a CPU
     # without bf16; None: the full vocabulary
     train_vocab: int | None = None
@@ -96,8 +96,6 @@ class HydraDistillConfig(DistillConfig):
             raise SpectrtError("--layers must be at least 1 for hydra heads")
         if not 0 <= self.dropout < 1:
             raise SpectrtError("--dropout must be in [0, 1)")
-        if self.train_vocab is not None:
-            raise SpectrtError("--train-vocab is for medusa heads; hydra heads train over the full vocabulary")
         arch, layers = self.arch, self.layers
         self.arch, self.layers = "medusa", max(layers, 0)  # the shared checks of the Medusa config
         try:

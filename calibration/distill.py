@@ -355,7 +355,6 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
     """Train heads on ``[(prompt_ids, response_ids)]`` and write them (+ report.json) to ``out_dir``.
     ``kept``: token ids (``cfg.train_vocab`` of a VocabTrim ranking) the shared LM head is trimmed to in
     training and in the reported accuracy; None: the full vocabulary."""
-    import torch
 
     out_dir, fingerprint, cache_dir, train_idx, held_idx = training_setup(model, samples, out_dir, cfg, fingerprint)
     timings = dict(timings or {})
@@ -364,12 +363,7 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
         raise SpectrtError("the base model needs a bias-free linear LM head for Medusa heads")
     lm_weight = out_emb.weight.detach().float()
     V, H = lm_weight.shape
-    rows_weight = lm_weight  # the LM-head rows the heads train and are measured on
-    if kept is not None:
-        kept = torch.as_tensor(np.asarray(kept, np.int64))
-        if kept.numel() == 0 or int(kept.min()) < 0 or int(kept.max()) >= V:
-            raise SpectrtError(f"the trimmed vocabulary's token ids must lie in 0..{V - 1}")
-        rows_weight = lm_weight[kept]
+    kept, rows_weight = trimmed_rows(lm_weight, kept)  # the LM-head rows the heads train and are measured on
 
     t0 = time.time()
 
@@ -419,6 +413,19 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
         log(f"held-out accuracy ({len(held_idx)} prompts, {len(held)} positions):\n" + format_report(report))
     log(f"wrote {out_dir}")
     return report
+
+
+def trimmed_rows(lm_weight, kept):
+    """(kept as a tensor, ``lm_weight[kept]``) for token ids ``kept`` (checked), or (None, lm_weight)."""
+    import torch
+
+    if kept is None:
+        return None, lm_weight
+    V = lm_weight.shape[0]
+    kept = torch.as_tensor(np.asarray(kept, np.int64))
+    if kept.numel() == 0 or int(kept.min()) < 0 or int(kept.max()) >= V:
+        raise SpectrtError(f"the trimmed vocabulary's token ids must lie in 0..{V - 1}")
+    return kept, lm_weight[kept]
 
 
 def optimizer_step(opt, sched, params, loss) -> None:
@@ -475,7 +482,8 @@ def distill(model, tok, prompts: list[str], out_dir, cfg: DistillConfig | None =
 
 
 def train_vocab_ids(model, tok, cfg: DistillConfig):
-    """The token ids of ``cfg.train_vocab`` (the first N of the ranking ``cfg.vocab``), None when unset."""
+    """The token ids of ``cfg.train_vocab`` (the first N of the ranking ``cfg.vocab``), None when unset; shared
+    by Medusa and Hydra distillation."""
     if cfg.train_vocab is None:
         return None
     if not cfg.vocab:

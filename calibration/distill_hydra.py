@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 
 from spectrt.calibration.config import HYDRA_ARCHS, HydraDistillConfig
 from spectrt.calibration.distill import (base_responses, format_report, lm_head_dtype, optimizer_step, publish_heads,
-                                         response_rows, sequence_hidden, training_setup)
+                                         response_rows, sequence_hidden, train_vocab_ids, training_setup,
+                                         trimmed_rows)
 from spectrt.export.families import rope_tables
 from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
 from spectrt.runtime.errors import SpectrtError
@@ -99,7 +100,9 @@ def _head_terms(heads, emb, lm_weight, hid, tok, b, r, valid, ctx):
         yield k, logits, (bk, rk + k + 1)
 
 
-def hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, loss: str, decay: float):
+def hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, loss: str, decay: float, remap=None):
+    """``remap`` [vocab]: a token's row in a trimmed ``lm_weight`` (-1: not kept), None: the full LM head. Over
+    trimmed rows, ``lm`` ignores targets outside them and ``teacher`` is the base's distribution over them."""
     import torch
     import torch.nn.functional as F
 
@@ -108,7 +111,11 @@ def hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, loss: str, decay: f
     for k, logits, (bt, rt) in _head_terms(heads, emb, lm_weight, hid, tok, b, r, valid, ctx):
         logp = F.log_softmax(logits.float(), -1)
         if loss == "lm":
-            per = -logp.gather(1, tok[bt, rt][:, None]).squeeze(1)
+            gold = tok[bt, rt] if remap is None else remap[tok[bt, rt]]
+            inside = gold >= 0
+            if not inside.any():
+                continue
+            per = -logp[inside].gather(1, gold[inside][:, None]).squeeze(1)
         else:  # cross-entropy against the base's next-token distribution at the target position
             with torch.no_grad():
                 t_p = F.softmax(F.linear(hid[bt, rt].to(lm_weight.dtype), lm_weight).float(), -1)
@@ -118,7 +125,8 @@ def hydra_loss(heads, emb, lm_weight, hid, tok, b, r, valid, loss: str, decay: f
     return total / weight if weight else None
 
 
-def evaluate(heads, data: SeqData, emb, lm_weight, seqs_per_batch: int = 16) -> list[dict]:
+def evaluate(heads, data: SeqData, emb, lm_weight, seqs_per_batch: int = 16, kept=None) -> list[dict]:
+    """Teacher-forced top-1/top-5/chain accuracy; ``kept``: the token ids of a trimmed ``lm_weight``'s rows."""
     import torch
 
     K = heads.num_heads
@@ -133,6 +141,8 @@ def evaluate(heads, data: SeqData, emb, lm_weight, seqs_per_batch: int = 16) -> 
             for k, logits, (bt, rt) in _head_terms(heads, emb, lm_weight, hid, tok, b, r, valid, ctx):
                 gold = tok[bt, rt]
                 best = logits.topk(5, -1).indices
+                if kept is not None:
+                    best = kept[best]
                 hit1[valid[:, k], k] = best[:, 0] == gold
                 top5[k] += (best == gold[:, None]).any(-1).sum()
         top1 += hit1.sum(0)
@@ -144,7 +154,8 @@ def evaluate(heads, data: SeqData, emb, lm_weight, seqs_per_batch: int = 16) -> 
 
 
 def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, progress=True, heldout=None,
-                log=print) -> list[dict]:
+                log=print, kept=None) -> list[dict]:
+    """Train in place; ``kept``: the token ids of a trimmed ``lm_weight``'s rows (``cfg.train_vocab``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -172,6 +183,10 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
     total = sum(steps)
     warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
     lm_train = lm_weight.detach().to(lm_head_dtype(cfg))  # the base LM head: teacher, and shared heads' LM head
+    remap = None
+    if kept is not None:
+        remap = torch.full((emb.shape[0],), -1, dtype=torch.long)
+        remap[kept] = torch.arange(len(kept))  # token id -> row of the trimmed LM head
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
@@ -184,7 +199,7 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
         tot, seen = 0.0, 0
         for idx in bar:
             hid, tok, b, r, valid = _batch(data, idx, K)
-            loss = hydra_loss(heads, emb, lm_train, hid, tok, b, r, valid, cfg.loss, cfg.decay)
+            loss = hydra_loss(heads, emb, lm_train, hid, tok, b, r, valid, cfg.loss, cfg.decay, remap)
             if loss is None:
                 continue
             optimizer_step(opt, sched, params, loss)
@@ -194,7 +209,7 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
         bar.close()
         entry = {"epoch": epoch + 1, "train_loss": round(tot / max(seen, 1), 4)}
         if heldout is not None and len(heldout):
-            entry["heldout_top1"] = [h["top1"] for h in evaluate(heads, heldout, emb, lm_weight)]
+            entry["heldout_top1"] = [h["top1"] for h in evaluate(heads, heldout, emb, lm_weight, kept=kept)]
         history.append(entry)
         log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}"
             + (f", held-out top-1 {entry['heldout_top1']}" if "heldout_top1" in entry else ""))
@@ -204,11 +219,18 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
 
 def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, model_name: str = "",
                           progress: bool = True, log=print, fingerprint: str | None = None,
-                          timings: dict | None = None) -> dict:
-    """Train Hydra/Hydra++ heads on ``[(prompt_ids, response_ids)]``; writes heads + report.json to ``out_dir``."""
+                          timings: dict | None = None, kept=None) -> dict:
+    """Train Hydra/Hydra++ heads on ``[(prompt_ids, response_ids)]``; writes heads + report.json to ``out_dir``.
+    ``kept``: the token ids the shared LM head is trimmed to (``cfg.train_vocab``), None: the full vocabulary."""
 
     out_dir, fingerprint, cache_dir, train_idx, held_idx = training_setup(model, samples, out_dir, cfg, fingerprint)
     timings = dict(timings or {})
+    out_emb = model.get_output_embeddings()
+    if out_emb is None or getattr(out_emb, "bias", None) is not None:
+        raise SpectrtError("the base model needs a bias-free linear LM head for hydra heads")
+    lm_weight = out_emb.weight.detach().float()
+    V, H = lm_weight.shape
+    kept, rows_weight = trimmed_rows(lm_weight, kept)
     arch = HYDRA_ARCHS[cfg.arch]
     full = arch == "prefix-mlp"
     t0 = time.time()
@@ -217,12 +239,7 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
         if held_idx else None
     timings["hidden_s"] = round(time.time() - t0, 1)
 
-    out_emb = model.get_output_embeddings()
-    if out_emb is None or getattr(out_emb, "bias", None) is not None:
-        raise SpectrtError("the base model needs a bias-free linear LM head for hydra heads")
-    lm_weight = out_emb.weight.detach().float()
     emb = model.get_input_embeddings().weight.detach().float()  # frozen E
-    V, H = lm_weight.shape
     shared = cfg.shared_lm_head
     hcfg = HydraConfig(num_heads=cfg.heads, num_layers=cfg.layers, hidden_size=H, vocab_size=V, arch=arch,
                        shared_lm_head=shared, dropout=cfg.dropout,
@@ -235,14 +252,15 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
     if full:
         inv_freq, scale = rope_tables(model)
         heads.prefix_embeding_layer.set_rope(inv_freq, scale)
-    initial = evaluate(heads, held, emb, lm_weight) if held is not None else None
+    initial = evaluate(heads, held, emb, rows_weight, kept=kept) if held is not None else None
     t0 = time.time()
-    history = train_hydra(heads, train, emb, lm_weight, cfg, progress, held, log)
+    history = train_hydra(heads, train, emb, rows_weight, cfg, progress, held, log, kept=kept)
     timings["train_s"] = round(time.time() - t0, 1)
-    final = evaluate(heads, held, emb, lm_weight) if held is not None else []
+    final = evaluate(heads, held, emb, rows_weight, kept=kept) if held is not None else []
     report = {"model": model_name, "model_fingerprint": fingerprint, "arch": cfg.arch, "hydra_head_arch": arch,
               "num_heads": cfg.heads, "num_layers": cfg.layers, "shared_lm_head": shared, "loss": cfg.loss,
               "lm_head_dtype": str(lm_head_dtype(cfg)).removeprefix("torch."),
+              "train_vocab": None if kept is None else {"size": int(kept.numel()), "ranking": cfg.vocab},
               "train": {"prompts": len(train_idx), "positions": sum(h.shape[0] - s for h, s in
                                                                     zip(train.hidden, train.starts))},
               "heldout": {"prompts": len(held_idx)}, "heads": final, "untrained_heads": initial,
@@ -258,6 +276,8 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
 def distill_hydra(model, tok, prompts: list[str], out_dir, cfg: HydraDistillConfig, model_name: str = "",
                   progress: bool = True, log=print) -> dict:
     """Greedy responses (the shared cache) -> hidden states (cached) -> trained Hydra heads in ``out_dir``."""
-
+    cfg.validate()
+    kept = train_vocab_ids(model, tok, cfg)  # a bad ranking fails before any generation
     samples, fingerprint, timings = base_responses(model, tok, prompts, cfg, progress, log)
-    return distill_hydra_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings)
+    return distill_hydra_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings,
+                                 kept)

@@ -361,8 +361,8 @@ def test_train_vocab_is_checked(tiny, tmp_path):
         DistillConfig(train_vocab=8, lm_head="own").validate()
     with pytest.raises(SpectrtError, match="at least 1"):
         DistillConfig(train_vocab=0).validate()
-    with pytest.raises(SpectrtError, match="for medusa heads"):
-        HydraDistillConfig(arch="hydra", train_vocab=8).validate()
+    with pytest.raises(SpectrtError, match="--lm-head shared"):
+        HydraDistillConfig(arch="hydra++", train_vocab=8, lm_head="own").validate()
     with pytest.raises(SpectrtError, match="needs a VocabTrim ranking"):
         train_vocab_ids(model, tok, DistillConfig(train_vocab=8))
     bad = tmp_path / "v.json"

@@ -306,3 +306,30 @@ def test_distill_hydra(tiny_models, tmp_path, arch, bf16):
 def test_distill_cli_arch_choices(tmp_path):
     rc, err = cli("distill", "-m", "x", "--prompts", "p.jsonl", "-o", tmp_path / "o", "--arch", "eagle")
     assert rc != 0 and "hydra++" in err
+
+
+@pytest.mark.parametrize("arch", ["hydra", "hydra++"])
+def test_distill_hydra_on_a_trimmed_vocabulary(tiny_models, tmp_path, arch):
+    """--train-vocab for Hydra: trained over the kept LM-head rows (lm: targets outside them ignored; teacher:
+    the base's distribution over them); the reported accuracy drafts from those rows only."""
+    from spectrt.calibration.distill_hydra import HydraDistillConfig, distill_hydra_samples, evaluate, load_data
+    from spectrt.calibration.generations import generate_responses
+    from spectrt.export.sources import load_hf
+
+    model, tok = load_hf(str(tiny_models["llama"]), progress=lambda *_: None)
+    prompts = [f"prompt {i} " + "abcdefghij"[i % 10] * (i % 5 + 1) for i in range(8)]
+    samples = generate_responses(model, tok, prompts, 24, tmp_path / "gen.jsonl", progress=False)
+    seen = sorted({t for _, r in samples for t in r})
+    kept = seen[1:] + [0]  # one answer token left out: never a target, never drafted
+    cfg = HydraDistillConfig(arch=arch, heads=2, layers=2, epochs=3, lr=3e-3, batch_size=96, half=False,
+                             holdout=0.25, cache_dir=str(tmp_path / "cache"), train_vocab=len(kept))
+    rep = distill_hydra_samples(model, samples, tmp_path / "heads", cfg, progress=False, log=lambda *a: None,
+                                kept=kept)
+    assert rep["train_vocab"]["size"] == len(kept)
+    losses = [h["train_loss"] for h in rep["history"]]
+    assert losses[-1] < losses[0]
+    assert all(0 <= h["top1"] <= h["top5"] <= 1 for h in rep["heads"])
+    with pytest.raises(SpectrtError, match="token ids must lie"):
+        distill_hydra_samples(model, samples, tmp_path / "bad", cfg, progress=False, log=lambda *a: None,
+                              kept=[10 ** 6])
+    assert not (tmp_path / "bad").exists()

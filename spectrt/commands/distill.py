@@ -51,7 +51,7 @@ _D = DistillConfig()  # every default lives in DistillConfig (options left at No
               help="run the frozen LM-head matmuls of training in bfloat16 (~4x faster matmuls on CPUs with AMX)")
 @click.option("--train-vocab", type=IntRange(min=1), default=None, metavar="N", show_default="the full vocabulary",
               help="train on the N most frequent tokens of a VocabTrim ranking only: what an export trimmed to N "
-                   "drafts from (medusa, shared LM head; ~20x cheaper steps on CPUs without bf16)")
+                   "drafts from (shared LM head; a Medusa step ~20x cheaper on CPUs without bf16)")
 @click.option("--vocab", default=None, metavar="FILE", show_default="the built-in model's ranking",
               help="the VocabTrim ranking for --train-vocab (`spectrt calibrate vocab`)")
 @click.option("--fp32", is_flag=True, help="save the heads in fp32 instead of fp16")

@@ -19,6 +19,7 @@ class DistillConfig:
     lm_head: str = "shared"  # one of LM_HEADS
     version: str | None = None  # deprecated spelling of lm_head: "1" = own, "2" = shared (validate() maps it)
     limit: int | None = None  # number of prompts taken from the file (first N)
+    exclude: tuple = ()  # prompts files whose prompts are never trained on (e.g. the calibration prompts)
     max_new_tokens: int = 128
     epochs: int = 2
     lr: float = 1e-3

@@ -56,6 +56,13 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
     return [prompt for _, prompt in load_prompt_records(path, limit)]
 
 
+def exclude_prompts(prompts: list[str], paths) -> tuple[list[str], int]:
+    """``prompts`` without those in any of the prompts files ``paths`` (exact text), and how many went."""
+    excluded = {p for path in paths for p in load_prompts(path)}
+    kept = [p for p in prompts if p not in excluded]
+    return kept, len(prompts) - len(kept)
+
+
 def load_prompt_records(path: str | os.PathLike, limit: int | None = None) -> list[tuple[str | None, str]]:
     """(category, prompt) pairs; category is the record's ``category`` field (Spec-Bench) or None."""
     path = Path(path).expanduser()

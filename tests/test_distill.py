@@ -284,6 +284,14 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert "no such prompts file" in capsys.readouterr().err
     assert main(argv + ["--loss", "teacher", "--heads", "0"]) == 2
     assert "--heads must be at least 1" in capsys.readouterr().err
+    kept_out = tmp_path / "calibration.jsonl"
+    kept_out.write_text(json.dumps({"prompt": _prompts(6)[0]}) + "\n")
+    assert main(argv + ["--exclude", str(kept_out)]) == 0
+    assert "excluded 1 prompts" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["train"]["prompts"] + \
+        json.loads((out / "report.json").read_text())["heldout"]["prompts"] == 5
+    assert main(argv + ["--exclude", str(prompts)]) == 2
+    assert "0 prompts left after --exclude" in capsys.readouterr().err
     assert main(argv + ["--train-vocab", "8"]) == 2  # no ranking for a model that is not built in
     assert "no built-in VocabTrim ranking" in capsys.readouterr().err
     ranking = tmp_path / "vocab.json"

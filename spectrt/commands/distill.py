@@ -32,6 +32,9 @@ _D = DistillConfig()  # every default lives in DistillConfig (options left at No
               help="deprecated: 1 = --lm-head own, 2 = --lm-head shared")
 @click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
               help="use the first N prompts")
+@click.option("--exclude", multiple=True, metavar="FILE", show_default="none",
+              help="never train on the prompts of this JSONL file (repeatable), e.g. the calibration prompts "
+                   "`calibrate tree` measures on")
 @click.option("--max-new-tokens", type=IntRange(min=1), default=_D.max_new_tokens, help="greedy response length cap")
 @click.option("--epochs", type=IntRange(min=1), default=_D.epochs, help="training epochs")
 @click.option("--lr", type=FloatRange(min=0, min_open=True), default=_D.lr,
@@ -61,7 +64,7 @@ def command(model, prompts, output, quiet, **options) -> int:
     greedily, the heads learn to predict its next tokens. Generations and hidden states are cached, so a
     rerun with other training options is quick."""
     from spectrt.calibration.distill import distill
-    from spectrt.calibration.prompts import load_prompts
+    from spectrt.calibration.prompts import exclude_prompts, load_prompts
     from spectrt.export.shipped import builtin_vocab
     from spectrt.export.sources import load_hf, resolve_model
     from spectrt.runtime.errors import SpectrtError
@@ -72,6 +75,11 @@ def command(model, prompts, output, quiet, **options) -> int:
               file=sys.stderr)
     cfg = config_from_options(**options)
     texts = load_prompts(prompts, cfg.limit)  # fail fast, before loading the model
+    if cfg.exclude:
+        texts, dropped = exclude_prompts(texts, cfg.exclude)
+        print(f"excluded {dropped} prompts found in {', '.join(cfg.exclude)}", flush=True)
+        if len(texts) < 2:
+            raise SpectrtError(f"{len(texts)} prompts left after --exclude; need at least 2")
     if cfg.threads:
         import torch
 
@@ -104,6 +112,8 @@ def config_from_options(arch: str = _D.arch, dropout: float | None = None, fp32:
             cfg.dropout = dropout
     else:
         cfg = DistillConfig()
+    if options.get("exclude") is not None:
+        options["exclude"] = tuple(options["exclude"])
     for name, value in {**options, "arch": arch, "cache_dir": cache}.items():
         if not hasattr(cfg, name):
             raise TypeError(f"DistillConfig has no field '{name}'")

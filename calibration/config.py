@@ -20,6 +20,7 @@ class DistillConfig:
     version: str | None = None  # deprecated spelling of lm_head: "1" = own, "2" = shared (validate() maps it)
     limit: int | None = None  # number of prompts taken from the file (first N)
     exclude: tuple = ()  # prompts files whose prompts are never trained on (e.g. the calibration prompts)
+    copy_tasks: int = 0  # extra training prompts that ask to summarize / rewrite / extract from the base's own answers
     max_new_tokens: int = 128
     epochs: int = 2
     lr: float = 1e-3
@@ -58,6 +59,8 @@ class DistillConfig:
             raise SpectrtError(f"--lm-head must be one of {', '.join(LM_HEADS)}, not {self.lm_head}")
         if self.loss not in LOSSES:
             raise SpectrtError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss}")
+        if self.copy_tasks < 0:
+            raise SpectrtError("--copy-tasks must be at least 0")
         for name in ("heads", "epochs", "max_new_tokens", "batch_size", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise SpectrtError(f"--{name.replace('_', '-')} must be at least 1")

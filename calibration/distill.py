@@ -351,10 +351,11 @@ def format_report(report: dict) -> str:
 
 def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str = "", progress: bool = True,
                     log=print, fingerprint: str | None = None, timings: dict | None = None,
-                    kept=None) -> dict:
+                    kept=None, extra=()) -> dict:
     """Train heads on ``[(prompt_ids, response_ids)]`` and write them (+ report.json) to ``out_dir``.
     ``kept``: token ids (``cfg.train_vocab`` of a VocabTrim ranking) the shared LM head is trimmed to in
-    training and in the reported accuracy; None: the full vocabulary."""
+    training and in the reported accuracy; None: the full vocabulary. ``extra``: more samples, trained on
+    only (``copy_task_responses``: never in the held-out split)."""
 
     out_dir, fingerprint, cache_dir, train_idx, held_idx = training_setup(model, samples, out_dir, cfg, fingerprint)
     timings = dict(timings or {})
@@ -367,13 +368,12 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
 
     t0 = time.time()
 
-    def rows(idx):
-        part = [samples[i] for i in idx]
+    def rows(part):
         return response_rows(sequence_hidden(model, part, cache_dir, fingerprint, cfg.hidden_batch_tokens,
                                              progress, log), part)
 
-    train = rows(train_idx)
-    held = rows(held_idx) if held_idx else None
+    train = rows([samples[i] for i in train_idx] + list(extra))
+    held = rows([samples[i] for i in held_idx]) if held_idx else None
     timings["hidden_s"] = round(time.time() - t0, 1)
 
     mcfg = MedusaConfig(num_heads=cfg.heads, num_layers=cfg.layers, hidden_size=H, vocab_size=V,
@@ -399,7 +399,7 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
         "loss": cfg.loss,
         "lm_head_dtype": str(lm_head_dtype(cfg)).removeprefix("torch."),
         "train_vocab": None if kept is None else {"size": int(kept.numel()), "ranking": cfg.vocab},
-        "train": {"prompts": len(train_idx), "positions": len(train)},
+        "train": {"prompts": len(train_idx), "copy_tasks": len(extra), "positions": len(train)},
         "heldout": {"prompts": len(held_idx), "positions": len(held) if held is not None else 0},
         "heads": final,
         "untrained_heads": initial,
@@ -478,7 +478,41 @@ def distill(model, tok, prompts: list[str], out_dir, cfg: DistillConfig | None =
     cfg = cfg or DistillConfig()
     kept = train_vocab_ids(model, tok, cfg)  # a bad ranking fails before any generation
     samples, fingerprint, timings = base_responses(model, tok, prompts, cfg, progress, log)
-    return distill_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings, kept)
+    extra = copy_task_responses(model, tok, samples, cfg, progress, log)
+    return distill_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings, kept,
+                           extra)
+
+
+# copy-style tasks over the base's own answers (``cfg.copy_tasks``): the answer to such a prompt repeats much of
+# the prompt, the copying that summarization, extraction and RAG prompts reward
+COPY_TEMPLATES = (
+    "Summarize the following text in two or three sentences.\n\n{text}",
+    "Rewrite the following text in simpler words.\n\n{text}",
+    "Extract the key points of the following text as a bulleted list.\n\n{text}",
+    "Correct any mistakes in the following text and give the corrected text.\n\n{text}",
+)
+COPY_MIN_TOKENS = 32  # answers shorter than this make poor source texts
+
+
+def copy_task_responses(model, tok, samples, cfg, progress: bool = True, log=print) -> list:
+    """``cfg.copy_tasks`` copy-style samples: prompts from ``COPY_TEMPLATES`` around the base's answers to
+    training-split prompts (seeded; never a held-out prompt's answer, so the held-out accuracy stays clean), and
+    the base's greedy answers to them (the shared generation cache)."""
+    import torch
+
+    if not cfg.copy_tasks:
+        return []
+    train_idx, _ = split_samples(len(samples), cfg.holdout, cfg.seed)
+    sources = [i for i in train_idx if len(samples[i][1]) >= COPY_MIN_TOKENS]
+    if not sources:
+        raise SpectrtError(f"--copy-tasks: no training answer has {COPY_MIN_TOKENS} tokens or more to build them from")
+    order = torch.randperm(len(sources), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    picked = [sources[order[j % len(sources)]] for j in range(cfg.copy_tasks)]
+    texts = [tok.decode(samples[i][1], skip_special_tokens=True).strip() for i in picked]
+    prompts = [COPY_TEMPLATES[j % len(COPY_TEMPLATES)].format(text=t) for j, t in enumerate(texts)]
+    log(f"copy-style tasks: {len(prompts)} from {len(set(picked))} training answers")
+    path = default_generations_path(model, Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None)
+    return generate_responses(model, tok, prompts, cfg.max_new_tokens, path, cfg.gen_batch_size, progress)
 
 
 def train_vocab_ids(model, tok, cfg: DistillConfig):
@@ -498,7 +532,6 @@ def base_responses(model, tok, prompts: list[str], cfg, progress: bool = True, l
     Also applies ``cfg.validate()`` and ``cfg.threads``; shared by Medusa and Hydra distillation.
     """
     import torch
-
 
     cfg.validate()
     if cfg.threads:

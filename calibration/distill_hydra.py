@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from spectrt.calibration.config import HYDRA_ARCHS, HydraDistillConfig
-from spectrt.calibration.distill import (base_responses, format_report, lm_head_dtype, optimizer_step, publish_heads,
+from spectrt.calibration.distill import (base_responses, copy_task_responses, format_report, lm_head_dtype, optimizer_step, publish_heads,
                                          response_rows, sequence_hidden, train_vocab_ids, training_setup,
                                          trimmed_rows)
 from spectrt.export.families import rope_tables
@@ -219,9 +219,10 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
 
 def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, model_name: str = "",
                           progress: bool = True, log=print, fingerprint: str | None = None,
-                          timings: dict | None = None, kept=None) -> dict:
+                          timings: dict | None = None, kept=None, extra=()) -> dict:
     """Train Hydra/Hydra++ heads on ``[(prompt_ids, response_ids)]``; writes heads + report.json to ``out_dir``.
-    ``kept``: the token ids the shared LM head is trimmed to (``cfg.train_vocab``), None: the full vocabulary."""
+    ``kept``: the token ids the shared LM head is trimmed to (``cfg.train_vocab``), None: the full vocabulary;
+    ``extra``: more samples, trained on only (copy-style tasks)."""
 
     out_dir, fingerprint, cache_dir, train_idx, held_idx = training_setup(model, samples, out_dir, cfg, fingerprint)
     timings = dict(timings or {})
@@ -234,7 +235,7 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
     arch = HYDRA_ARCHS[cfg.arch]
     full = arch == "prefix-mlp"
     t0 = time.time()
-    train = load_data(model, [samples[i] for i in train_idx], cache_dir, fingerprint, cfg, full, progress, log)
+    train = load_data(model, [samples[i] for i in train_idx] + list(extra), cache_dir, fingerprint, cfg, full, progress, log)
     held = load_data(model, [samples[i] for i in held_idx], cache_dir, fingerprint, cfg, full, progress, log) \
         if held_idx else None
     timings["hidden_s"] = round(time.time() - t0, 1)
@@ -261,7 +262,7 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
               "num_heads": cfg.heads, "num_layers": cfg.layers, "shared_lm_head": shared, "loss": cfg.loss,
               "lm_head_dtype": str(lm_head_dtype(cfg)).removeprefix("torch."),
               "train_vocab": None if kept is None else {"size": int(kept.numel()), "ranking": cfg.vocab},
-              "train": {"prompts": len(train_idx), "positions": sum(h.shape[0] - s for h, s in
+              "train": {"prompts": len(train_idx), "copy_tasks": len(extra), "positions": sum(h.shape[0] - s for h, s in
                                                                     zip(train.hidden, train.starts))},
               "heldout": {"prompts": len(held_idx)}, "heads": final, "untrained_heads": initial,
               "history": history, "timings": timings, "config": asdict(cfg)}
@@ -279,5 +280,6 @@ def distill_hydra(model, tok, prompts: list[str], out_dir, cfg: HydraDistillConf
     cfg.validate()
     kept = train_vocab_ids(model, tok, cfg)  # a bad ranking fails before any generation
     samples, fingerprint, timings = base_responses(model, tok, prompts, cfg, progress, log)
+    extra = copy_task_responses(model, tok, samples, cfg, progress, log)
     return distill_hydra_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings,
-                                 kept)
+                                 kept, extra)

@@ -384,3 +384,35 @@ def test_train_vocab_is_checked(tiny, tmp_path):
     with pytest.raises(SpectrtError, match="token ids must lie"):
         distill_samples(model, _pattern_samples(8), tmp_path / "o", DistillConfig(heads=1, epochs=1),
                         progress=False, log=lambda *_: None, kept=[VOCAB + 3])
+
+
+def test_copy_tasks_are_built_from_training_answers_only(tiny, tmp_path, monkeypatch):
+    """--copy-tasks: copy-style prompts around the base's answers to training-split prompts (never held-out
+    ones), answered by the base through the shared cache, trained on only."""
+    from spectrt.calibration import distill as d
+
+    model, tok = tiny
+    monkeypatch.setattr(d, "COPY_MIN_TOKENS", 3)
+    cfg = DistillConfig(heads=2, epochs=1, batch_size=64, holdout=0.25, max_new_tokens=12, copy_tasks=5,
+                        cache_dir=str(tmp_path / "cache"))
+    prompts = _prompts(8)
+    samples, _, _ = d.base_responses(model, tok, prompts, cfg, progress=False, log=lambda *_: None)
+    extra = d.copy_task_responses(model, tok, samples, cfg, progress=False, log=lambda *_: None)
+    assert len(extra) == 5 and all(r for _, r in extra)
+    train_idx, held_idx = split_samples(len(samples), cfg.holdout, cfg.seed)
+    texts = [tok.decode(samples[i][1], skip_special_tokens=True).strip() for i in range(len(samples))]
+    for ids, _ in extra:  # each prompt wraps a training answer, never a held-out one
+        prompt = tok.decode(ids, skip_special_tokens=True)
+        assert any(texts[i] in prompt for i in train_idx if len(samples[i][1]) >= 3)
+        assert not any(texts[i] and texts[i] in prompt and texts[i] not in [texts[j] for j in train_idx]
+                       for i in held_idx)
+    # cached: a second call generates nothing new
+    cache = next((tmp_path / "cache").glob("generations-*.jsonl"))
+    size = cache.stat().st_size
+    assert d.copy_task_responses(model, tok, samples, cfg, progress=False, log=lambda *_: None) == extra
+    assert cache.stat().st_size == size
+    report = d.distill(model, tok, prompts, tmp_path / "heads", cfg, progress=False, log=lambda *_: None)
+    assert report["train"]["copy_tasks"] == 5 and report["heldout"]["prompts"] == 2
+    assert d.copy_task_responses(model, tok, samples, DistillConfig(copy_tasks=0), log=lambda *_: None) == []
+    with pytest.raises(SpectrtError, match="--copy-tasks must be at least 0"):
+        DistillConfig(copy_tasks=-1).validate()

@@ -324,8 +324,9 @@ def test_distill_hydra_on_a_trimmed_vocabulary(tiny_models, tmp_path, arch):
     cfg = HydraDistillConfig(arch=arch, heads=2, layers=2, epochs=3, lr=3e-3, batch_size=96, half=False,
                              holdout=0.25, cache_dir=str(tmp_path / "cache"), train_vocab=len(kept))
     rep = distill_hydra_samples(model, samples, tmp_path / "heads", cfg, progress=False, log=lambda *a: None,
-                                kept=kept)
+                                kept=kept, extra=samples[:2])
     assert rep["train_vocab"]["size"] == len(kept)
+    assert rep["train"]["copy_tasks"] == 2 and rep["heldout"]["prompts"] == 2  # extra samples: trained on only
     losses = [h["train_loss"] for h in rep["history"]]
     assert losses[-1] < losses[0]
     assert all(0 <= h["top1"] <= h["top5"] <= 1 for h in rep["heads"])

@@ -35,6 +35,9 @@ _D = DistillConfig()  # every default lives in DistillConfig (options left at No
 @click.option("--exclude", multiple=True, metavar="FILE", show_default="none",
               help="never train on the prompts of this JSONL file (repeatable), e.g. the calibration prompts "
                    "`calibrate tree` measures on")
+@click.option("--copy-tasks", type=IntRange(min=0), default=_D.copy_tasks, metavar="N",
+              help="also train on N copy-style prompts (summarize / rewrite / extract / correct) built around the "
+                   "base's own answers to training prompts, with the base's answers to them")
 @click.option("--max-new-tokens", type=IntRange(min=1), default=_D.max_new_tokens, help="greedy response length cap")
 @click.option("--epochs", type=IntRange(min=1), default=_D.epochs, help="training epochs")
 @click.option("--lr", type=FloatRange(min=0, min_open=True), default=_D.lr,

@@ -37,9 +37,9 @@ class DistillConfig:
     cache_dir: str | None = None  # default: $SPECTRT_CACHE/calibration (generations + hidden states)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     bf16: bool | None = None  # frozen LM-head matmuls in bfloat16 (None: when the CPU has native bf16)
-    # shared-LM-head heads (Medusa, Hydra) trained on the N most frequent tokens of a VocabTrim ranking only: the rows a
-    # trimmed export drafts from (its draft LM head), ~20x cheaper a step than the full vocabulary on a CPU
-    # without bf16; None: the full vocabulary
+    # shared-LM-head heads (Medusa, Hydra) trained on the N most frequent tokens of a VocabTrim ranking only:
+    # the rows a trimmed export drafts from (its draft LM head), ~20x cheaper a step than the full vocabulary
+    # on a CPU without bf16; None: the full vocabulary
     train_vocab: int | None = None
     vocab: str | None = None  # the ranking (`spectrt calibrate vocab`); None: the built-in model's
 

@@ -294,10 +294,7 @@ def train_heads(heads, data: HiddenSet, lm_weight, cfg: DistillConfig, progress:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     lm_weight = lm_weight.detach().to(lm_head_dtype(cfg))
-    remap = None
-    if kept is not None:
-        remap = torch.full((max(int(kept.max()), int(data.tokens.max())) + 1,), -1, dtype=torch.long)
-        remap[kept] = torch.arange(len(kept))  # token id -> row of the trimmed LM head
+    remap = None if kept is None else token_rows(kept, max(int(kept.max()), int(data.tokens.max())) + 1)
     history = []
     step = 0
     for epoch in range(cfg.epochs):
@@ -426,6 +423,15 @@ def trimmed_rows(lm_weight, kept):
     if kept.numel() == 0 or int(kept.min()) < 0 or int(kept.max()) >= V:
         raise SpectrtError(f"the trimmed vocabulary's token ids must lie in 0..{V - 1}")
     return kept, lm_weight[kept]
+
+
+def token_rows(kept, size: int):
+    """[size]: each token id's row in an LM head trimmed to ``kept`` (-1: not kept)."""
+    import torch
+
+    rows = torch.full((size,), -1, dtype=torch.long)
+    rows[kept] = torch.arange(len(kept))
+    return rows
 
 
 def optimizer_step(opt, sched, params, loss) -> None:

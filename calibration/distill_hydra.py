@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass
 
 from spectrt.calibration.config import HYDRA_ARCHS, HydraDistillConfig
-from spectrt.calibration.distill import (base_responses, copy_task_responses, format_report, lm_head_dtype, optimizer_step, publish_heads,
-                                         response_rows, sequence_hidden, train_vocab_ids, training_setup,
-                                         trimmed_rows)
+from spectrt.calibration.distill import (base_responses, copy_task_responses, format_report, lm_head_dtype,
+                                         optimizer_step, publish_heads, response_rows, sequence_hidden, token_rows,
+                                         train_vocab_ids, training_setup, trimmed_rows)
 from spectrt.export.families import rope_tables
 from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
 from spectrt.runtime.errors import SpectrtError
@@ -183,10 +183,7 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
     total = sum(steps)
     warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
     lm_train = lm_weight.detach().to(lm_head_dtype(cfg))  # the base LM head: teacher, and shared heads' LM head
-    remap = None
-    if kept is not None:
-        remap = torch.full((emb.shape[0],), -1, dtype=torch.long)
-        remap[kept] = torch.arange(len(kept))  # token id -> row of the trimmed LM head
+    remap = None if kept is None else token_rows(kept, emb.shape[0])
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else

@@ -232,7 +232,8 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
     arch = HYDRA_ARCHS[cfg.arch]
     full = arch == "prefix-mlp"
     t0 = time.time()
-    train = load_data(model, [samples[i] for i in train_idx] + list(extra), cache_dir, fingerprint, cfg, full, progress, log)
+    train = load_data(model, [samples[i] for i in train_idx] + list(extra), cache_dir, fingerprint, cfg, full,
+                      progress, log)
     held = load_data(model, [samples[i] for i in held_idx], cache_dir, fingerprint, cfg, full, progress, log) \
         if held_idx else None
     timings["hidden_s"] = round(time.time() - t0, 1)

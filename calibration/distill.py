@@ -458,7 +458,7 @@ def training_setup(model, samples, out_dir, cfg, fingerprint: str | None):
         raise SpectrtError(f"{out_dir}: exists and is not a directory")
     torch.manual_seed(cfg.seed)
     fingerprint = fingerprint or model_fingerprint(model)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    cache_dir = cache_dir_of(cfg)
     train_idx, held_idx = split_samples(len(samples), cfg.holdout, cfg.seed)
     return out_dir, fingerprint, cache_dir, train_idx, held_idx
 
@@ -473,20 +473,38 @@ def publish_heads(save, heads, out_dir: Path, report: dict, **save_kwargs) -> No
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _default_cache_dir() -> Path:
-
-    return default_cache_dir()
+def cache_dir_of(cfg) -> Path:
+    """The generations + hidden-states cache directory of ``cfg`` (default: ``generations.default_cache_dir``)."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
 
 def distill(model, tok, prompts: list[str], out_dir, cfg: DistillConfig | None = None, model_name: str = "",
             progress: bool = True, log=print) -> dict:
     """Greedy responses (cached) -> hidden states (cached) -> trained heads in ``out_dir``; the report dict."""
     cfg = cfg or DistillConfig()
-    kept = train_vocab_ids(model, tok, cfg)  # a bad ranking fails before any generation
+    d = training_data(model, tok, prompts, cfg, progress, log)
+    return distill_samples(model, d.samples, out_dir, cfg, model_name, progress, log, d.fingerprint, d.timings,
+                           d.kept, d.extra)
+
+
+@dataclass
+class TrainingData:
+    """What Medusa and Hydra distillation train on (``training_data``)."""
+
+    samples: list  # [(prompt_ids, response_ids)]: the base's greedy answers to the prompts
+    fingerprint: str  # the base model's
+    timings: dict
+    kept: object  # token ids of ``cfg.train_vocab`` (np.ndarray), None: the full vocabulary
+    extra: list  # copy-style samples, trained on only
+
+
+def training_data(model, tok, prompts: list[str], cfg, progress: bool = True, log=print) -> TrainingData:
+    """The trimmed rows (a bad ranking fails before any generation), the base's answers to ``prompts`` and
+    the copy-style tasks built from them, all through the shared generation cache."""
+    kept = train_vocab_ids(model, tok, cfg)
     samples, fingerprint, timings = base_responses(model, tok, prompts, cfg, progress, log)
-    extra = copy_task_responses(model, tok, samples, cfg, progress, log)
-    return distill_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings, kept,
-                           extra)
+    extra = copy_task_responses(model, tok, samples, cfg, progress, log, fingerprint)
+    return TrainingData(samples, fingerprint, timings, kept, extra)
 
 
 # copy-style tasks over the base's own answers (``cfg.copy_tasks``): the answer to such a prompt repeats much of
@@ -500,7 +518,8 @@ COPY_TEMPLATES = (
 COPY_MIN_TOKENS = 32  # answers shorter than this make poor source texts
 
 
-def copy_task_responses(model, tok, samples, cfg, progress: bool = True, log=print) -> list:
+def copy_task_responses(model, tok, samples, cfg, progress: bool = True, log=print,
+                        fingerprint: str | None = None) -> list:
     """``cfg.copy_tasks`` copy-style samples: prompts from ``COPY_TEMPLATES`` around the base's answers to
     training-split prompts (seeded; never a held-out prompt's answer, so the held-out accuracy stays clean), and
     the base's greedy answers to them (the shared generation cache)."""
@@ -517,7 +536,7 @@ def copy_task_responses(model, tok, samples, cfg, progress: bool = True, log=pri
     texts = [tok.decode(samples[i][1], skip_special_tokens=True).strip() for i in picked]
     prompts = [COPY_TEMPLATES[j % len(COPY_TEMPLATES)].format(text=t) for j, t in enumerate(texts)]
     log(f"copy-style tasks: {len(prompts)} from {len(set(picked))} training answers")
-    path = default_generations_path(model, Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None)
+    path = default_generations_path(model, cache_dir_of(cfg), fingerprint)
     return generate_responses(model, tok, prompts, cfg.max_new_tokens, path, cfg.gen_batch_size, progress)
 
 
@@ -542,7 +561,7 @@ def base_responses(model, tok, prompts: list[str], cfg, progress: bool = True, l
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    cache_dir = cache_dir_of(cfg)
     fingerprint = model_fingerprint(model)
     t0 = time.time()
     gen_path = default_generations_path(model, cache_dir, fingerprint)

@@ -21,9 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from spectrt.calibration.config import HYDRA_ARCHS, HydraDistillConfig
-from spectrt.calibration.distill import (base_responses, copy_task_responses, format_report, lm_head_dtype,
-                                         optimizer_step, publish_heads, response_rows, sequence_hidden, token_rows,
-                                         train_vocab_ids, training_setup, trimmed_rows)
+from spectrt.calibration.distill import (format_report, lm_head_dtype, optimizer_step, publish_heads, response_rows,
+                                         sequence_hidden, token_rows, training_data, training_setup, trimmed_rows)
 from spectrt.export.families import rope_tables
 from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
 from spectrt.runtime.errors import SpectrtError
@@ -275,9 +274,6 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
 def distill_hydra(model, tok, prompts: list[str], out_dir, cfg: HydraDistillConfig, model_name: str = "",
                   progress: bool = True, log=print) -> dict:
     """Greedy responses (the shared cache) -> hidden states (cached) -> trained Hydra heads in ``out_dir``."""
-    cfg.validate()
-    kept = train_vocab_ids(model, tok, cfg)  # a bad ranking fails before any generation
-    samples, fingerprint, timings = base_responses(model, tok, prompts, cfg, progress, log)
-    extra = copy_task_responses(model, tok, samples, cfg, progress, log)
-    return distill_hydra_samples(model, samples, out_dir, cfg, model_name, progress, log, fingerprint, timings,
-                                 kept, extra)
+    d = training_data(model, tok, prompts, cfg, progress, log)
+    return distill_hydra_samples(model, d.samples, out_dir, cfg, model_name, progress, log, d.fingerprint,
+                                 d.timings, d.kept, d.extra)

@@ -63,6 +63,20 @@ def exclude_prompts(prompts: list[str], paths) -> tuple[list[str], int]:
     return kept, len(prompts) - len(kept)
 
 
+def select_prompts(path: str | os.PathLike, limit: int | None = None, exclude=(),
+                   minimum: int = 1) -> tuple[list[str], str]:
+    """The first ``limit`` prompts of ``path`` less those found in the ``exclude`` files (e.g. the calibration
+    prompts `calibrate tree` measures on, kept out of what heads and tables are made from), and a line saying
+    what went ("" when ``exclude`` is empty). Fewer than ``minimum`` left is a SpectrtError."""
+    texts = load_prompts(path, limit)
+    if not exclude:
+        return texts, ""
+    texts, dropped = exclude_prompts(texts, exclude)
+    if len(texts) < minimum:
+        raise SpectrtError(f"{len(texts)} prompts left after --exclude; need at least {minimum}")
+    return texts, f"excluded {dropped} prompts found in {', '.join(map(str, exclude))}"
+
+
 def load_prompt_records(path: str | os.PathLike, limit: int | None = None) -> list[tuple[str | None, str]]:
     """(category, prompt) pairs; category is the record's ``category`` field (Spec-Bench) or None."""
     path = Path(path).expanduser()

@@ -232,3 +232,26 @@ def test_cli_calibrate_corpus_then_bench(tiny_models, corpus_export, tmp_path, c
     code = main(["bench", str(corpus_export), "--prompts", str(prompts), "-n", "16", "--draft", "heads+lookup,corpus"])
     printed = capsys.readouterr().out
     assert code == 0 and "spec:corpus" in printed and "mismatches vs AR: 0" in printed, printed
+
+
+def test_cli_calibrations_exclude_prompts(tiny_models, tmp_path, capsys):
+    """`calibrate corpus|vocab --exclude FILE`: the prompts of FILE are left out (e.g. the calibration prompts
+    `calibrate tree` measures on); nothing left is an error before any model is loaded, and no output is written."""
+    from spectrt.cli import main
+
+    prompts, kept_out = tmp_path / "p.jsonl", tmp_path / "cal.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello", "a b c", "count up")))
+    kept_out.write_text(json.dumps({"prompt": "a b c"}) + "\n")
+    base = ["-m", str(tiny_models["llama"]), "--prompts", str(prompts), "--max-new-tokens", "16",
+            "--cache", str(tmp_path / "gen.jsonl")]
+    out = tmp_path / "t.npz"
+    assert main(["calibrate", "corpus", *base, "-o", str(out), "--min-total", "1", "--exclude", str(kept_out)]) == 0
+    assert "excluded 1 prompts found in" in capsys.readouterr().out
+    assert "2 prompts of p.jsonl" in NgramTable.load(out).source
+    vocab = tmp_path / "v.json"
+    assert main(["calibrate", "vocab", *base, "-o", str(vocab), "--size", "8", "--exclude", str(kept_out)]) == 0
+    assert "excluded 1 prompts" in capsys.readouterr().out and "greedy on 2 prompts" in json.loads(vocab.read_text())["source"]
+    for sub, path in (("corpus", tmp_path / "none.npz"), ("vocab", tmp_path / "none.json")):
+        assert main(["calibrate", sub, *base, "-o", str(path), "--exclude", str(prompts)]) == 2
+        assert "0 prompts left after --exclude" in capsys.readouterr().err
+        assert not path.exists()

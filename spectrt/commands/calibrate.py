@@ -31,6 +31,9 @@ def answer_options(output_help: tuple[str, str]):
                      help="JSONL with 'prompt' or 'turns' (never benchmark text)"),
         click.option("--limit", type=IntRange(min=1), default=None, metavar="N", show_default="all",
                      help="use the first N prompts"),
+        click.option("--exclude", multiple=True, metavar="FILE", show_default="none",
+                     help="leave out the prompts of this JSONL file (repeatable), e.g. the calibration prompts "
+                          "`calibrate tree` measures on"),
         click.option("-o", "--output", required=True, metavar=metavar, help=help_),
         click.option("--max-new-tokens", type=IntRange(min=1), default=DEFAULT_ANSWER_TOKENS,
                      help="greedy answer length per prompt"),
@@ -53,17 +56,19 @@ def answer_options(output_help: tuple[str, str]):
               show_default=f"{DEFAULT_COVERAGE} unless --size",
               help="smallest N covering this share of generated tokens")
 @click.pass_context
-def vocab(ctx, model, prompts, limit, output, size, coverage, max_new_tokens, batch_size, cache) -> int:
+def vocab(ctx, model, prompts, limit, exclude, output, size, coverage, max_new_tokens, batch_size, cache) -> int:
     """VocabTrim: generate greedy responses with MODEL, rank the tokens it generates, and keep the top N
     (--size N, or the smallest N reaching --coverage C) in VOCAB.json for `spectrt export --vocab`."""
     if size is not None and coverage is not None:
         raise click.UsageError("--size and --coverage are mutually exclusive", ctx)
-    from spectrt.calibration.prompts import CALIBRATION_PROMPTS, load_prompts
+    from spectrt.calibration.prompts import CALIBRATION_PROMPTS, select_prompts
     from spectrt.calibration.vocab import calibrate_vocab
     from spectrt.export.sources import load_hf
 
     prompts_path = prompts or CALIBRATION_PROMPTS
-    texts = load_prompts(prompts_path, limit)
+    texts, excluded = select_prompts(prompts_path, limit, exclude)
+    if excluded:
+        print(excluded, flush=True)
     hf_model, tok = load_hf(model)
     if size is None and coverage is None:
         coverage = DEFAULT_COVERAGE
@@ -135,18 +140,21 @@ command.add_command(tree)
 @click.option("--min-total", type=IntRange(min=1), default=DEFAULT_MIN_TOTAL, metavar="N",
               help="keep n-grams seen at least N times")
 @click.option("--threads", type=IntRange(min=1), default=None, help="torch CPU threads for generation")
-def corpus(model, prompts, limit, output, orders, min_total, max_new_tokens, batch_size, cache, threads) -> int:
+def corpus(model, prompts, limit, exclude, output, orders, min_total, max_new_tokens, batch_size, cache,
+           threads) -> int:
     """Corpus drafting: generate greedy answers with MODEL (cached, shared with distill and vocab), count
     every n-gram -> next token and write TABLE.npz for `spectrt export --corpus` (drafts that continue the
     model's habitual phrasing; no model call at draft time)."""
     import torch
 
     from spectrt.calibration.corpus import calibrate_corpus
-    from spectrt.calibration.prompts import CALIBRATION_PROMPTS, load_prompts
+    from spectrt.calibration.prompts import CALIBRATION_PROMPTS, select_prompts
     from spectrt.export.sources import load_hf
 
     prompts_path = prompts or CALIBRATION_PROMPTS
-    texts = load_prompts(prompts_path, limit)  # fail fast, before loading the model
+    texts, excluded = select_prompts(prompts_path, limit, exclude)  # fail fast, before loading the model
+    if excluded:
+        print(excluded, flush=True)
     if threads:
         torch.set_num_threads(threads)
     hf_model, tok = load_hf(model)

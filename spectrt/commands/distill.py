@@ -67,7 +67,7 @@ def command(model, prompts, output, quiet, **options) -> int:
     greedily, the heads learn to predict its next tokens. Generations and hidden states are cached, so a
     rerun with other training options is quick."""
     from spectrt.calibration.distill import distill
-    from spectrt.calibration.prompts import exclude_prompts, load_prompts
+    from spectrt.calibration.prompts import select_prompts
     from spectrt.export.shipped import builtin_vocab
     from spectrt.export.sources import load_hf, resolve_model
     from spectrt.runtime.errors import SpectrtError
@@ -77,12 +77,9 @@ def command(model, prompts, output, quiet, **options) -> int:
               f"{'own' if options['version'] == '1' else 'shared'} ('2' never meant the paper's Medusa-2)",
               file=sys.stderr)
     cfg = config_from_options(**options)
-    texts = load_prompts(prompts, cfg.limit)  # fail fast, before loading the model
-    if cfg.exclude:
-        texts, dropped = exclude_prompts(texts, cfg.exclude)
-        print(f"excluded {dropped} prompts found in {', '.join(cfg.exclude)}", flush=True)
-        if len(texts) < 2:
-            raise SpectrtError(f"{len(texts)} prompts left after --exclude; need at least 2")
+    texts, excluded = select_prompts(prompts, cfg.limit, cfg.exclude, minimum=2)  # fail fast, before the model
+    if excluded:
+        print(excluded, flush=True)
     if cfg.threads:
         import torch
 

@@ -418,6 +418,10 @@ class Manifest:
             missing = sorted(spec.fixed_dims() - set(g.dims))
             if missing:
                 raise Invalid(f"graphs.{name}.dims: no value for {', '.join(missing)}")
+        model_dims = self.model.dims()  # the base graph is the model: its dims are the model's (KV buffers are sized by them)
+        for k, v in self.graphs["base"].dims.items():
+            if k in model_dims and v != model_dims[k]:
+                raise Invalid(f"graphs.base.dims.{k}: {v} disagrees with model.{k} {model_dims[k]}")
         bad_eos = [e for e in self.tokenizer.eos_token_ids if not 0 <= e < self.model.vocab]
         if bad_eos:
             raise Invalid(f"tokenizer.eos_token_ids: {bad_eos[0]} is outside the vocabulary (0..{self.model.vocab - 1})")

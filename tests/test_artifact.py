@@ -108,6 +108,8 @@ def test_named_field_errors(pristine, tmp_path):
         ("max_context", -3, "max_context: must be in 2..1048576, got -3"),
         ("format", 1, "manifest format 1, this spectrt reads format 2"),
         ("graphs.base.kv_layout", "sideways", "kv_layout: 'sideways' is not one of token-major, in-place"),
+        # a base graph's dim is the model's: 10**12 layers must not reach the KV allocation (it did: out of memory)
+        ("graphs.base.dims.num_layers", 10 ** 12, "graphs.base.dims.num_layers: 1000000000000 disagrees with model.num_layers"),
     ]
     if "heads" in doc["graphs"]:
         cases.append(("graphs.heads.kv_layout", "in-place", "graphs.heads.kv_layout: 'in-place' exists for the base graph only"))

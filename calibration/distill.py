@@ -282,17 +282,7 @@ def train_heads(heads, data: HiddenSet, lm_weight, cfg: DistillConfig, progress:
                            f"(need at least 2 response tokens; got lengths {data.lengths[:8]}...)")
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(keep.numel() / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
-    params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_at(step):
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    params, opt, sched = training_optimizer(heads, cfg, steps_per_epoch * cfg.epochs)
     lm_weight = lm_weight.detach().to(lm_head_dtype(cfg))
     remap = None if kept is None else token_rows(kept, max(int(kept.max()), int(data.tokens.max())) + 1)
     history = []
@@ -432,6 +422,23 @@ def token_rows(kept, size: int):
     rows = torch.full((size,), -1, dtype=torch.long)
     rows[kept] = torch.arange(len(kept))
     return rows
+
+
+def training_optimizer(heads, cfg, total: int):
+    """(trainable params, AdamW, its LR schedule) for ``total`` steps: linear warm-up over ``cfg.warmup`` of them,
+    then cosine decay to 0 — one schedule for Medusa and Hydra distillation."""
+    import torch
+
+    warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
+
+    def lr_at(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
 def optimizer_step(opt, sched, params, loss) -> None:

@@ -16,13 +16,13 @@ the format the exporter reads to size the tree.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
 from spectrt.calibration.config import HYDRA_ARCHS, HydraDistillConfig
 from spectrt.calibration.distill import (format_report, lm_head_dtype, optimizer_step, publish_heads, response_rows,
-                                         sequence_hidden, token_rows, training_data, training_setup, trimmed_rows)
+                                         sequence_hidden, token_rows, training_data, training_optimizer, training_setup,
+                                         trimmed_rows)
 from spectrt.export.families import rope_tables
 from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
 from spectrt.runtime.errors import SpectrtError
@@ -179,14 +179,9 @@ def train_hydra(heads, data: SeqData, emb, lm_weight, cfg: HydraDistillConfig, p
     # one sample order per epoch, drawn up front, so the step count (LR schedule, progress) is exact
     orders = [torch.randperm(len(data), generator=gen).tolist() for _ in range(cfg.epochs)]
     steps = [sum(1 for _ in batches(o)) for o in orders]
-    total = sum(steps)
-    warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
     lm_train = lm_weight.detach().to(lm_head_dtype(cfg))  # the base LM head: teacher, and shared heads' LM head
     remap = None if kept is None else token_rows(kept, emb.shape[0])
-    params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+    params, opt, sched = training_optimizer(heads, cfg, sum(steps))
     history = []
     for epoch in range(cfg.epochs):
         heads.train()

@@ -1,6 +1,6 @@
 """`spectrt calibrate vocab -m MODEL -o VOCAB.json [--size N | --coverage C]`, `spectrt calibrate tree DIR
-[--timings PROFILE.json | --profile P]` and `spectrt calibrate corpus -m MODEL -o TABLE.npz`: calibration for
-draft-side options."""
+[--timings PROFILE.json | --profile P]` and `spectrt calibrate corpus -m MODEL -o TABLE.npz` and `spectrt calibrate prompts -m MODEL -o PROMPTS.jsonl`:
+calibration for draft-side options."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +9,7 @@ import click
 
 from spectrt.calibration.acceptance import DEFAULT_MAX_NEW_TOKENS
 from spectrt.calibration.generations import DEFAULT_ANSWER_TOKENS, DEFAULT_GEN_BATCH
+from spectrt.calibration.self_prompts import SelfPromptConfig
 from spectrt.calibration.trees import DEFAULT_PROMPT_LIMIT, DEFAULT_TREE_DRAFT
 from spectrt.calibration.vocab import DEFAULT_COVERAGE
 from spectrt.runtime.artifact import CALIBRATED_DRAFTS
@@ -167,3 +168,51 @@ def corpus(model, prompts, limit, exclude, output, orders, min_total, max_new_to
 
 
 command.add_command(corpus)
+
+
+_SP = SelfPromptConfig()  # every default lives in SelfPromptConfig
+
+
+@spectrt_command("prompts", short_help="prompts written by the model itself (Magpie), for distillation")
+@click.option("-m", "--model", default="smollm2-135m", help="HF model directory, .gguf file or built-in name (a chat model)")
+@click.option("-o", "--output", required=True, metavar="PROMPTS.jsonl", help="where the prompts go (JSONL, 'prompt')")
+@click.option("-n", "--count", type=IntRange(min=1), default=_SP.count, metavar="N", help="distinct prompts to keep")
+@click.option("--seed", type=int, default=_SP.seed, help="random seed (batch b samples with seed + b)")
+@click.option("--temperature", type=FloatRange(min=0, min_open=True), default=_SP.temperature,
+              help="sampling temperature (no top-p / top-k: diversity is the point)")
+@click.option("--max-new-tokens", type=IntRange(min=1), default=_SP.max_new_tokens,
+              help="a request not finished within this many tokens is dropped")
+@click.option("--min-chars", type=IntRange(min=0), default=_SP.min_chars, help="drop shorter requests")
+@click.option("--batch-size", type=IntRange(min=1), default=_SP.batch_size, help="requests sampled per batch")
+@click.option("--exclude", multiple=True, metavar="FILE", show_default="none",
+              help="never keep a prompt of this JSONL file (repeatable), e.g. the calibration prompts")
+@click.option("--threads", type=IntRange(min=1), default=None, help="torch CPU threads")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+def prompts(model, output, count, seed, temperature, max_new_tokens, min_chars, batch_size, exclude, threads,
+            quiet) -> int:
+    """Sample N user requests from MODEL itself: its chat template up to the start of a user turn, continued
+    by sampling (Magpie). An instruction-tuned model writes requests like those it was tuned on, so the base's
+    answers to them train draft heads for what its users ask, with no outside text. Pass the file to
+    `spectrt distill --prompts` beside your own prompts."""
+    import torch
+
+    from spectrt.calibration.prompts import load_prompts
+    from spectrt.calibration.self_prompts import self_prompts, write_prompts
+    from spectrt.export.sources import load_hf
+
+    cfg = SelfPromptConfig(count=count, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,
+                           min_chars=min_chars, batch_size=batch_size)
+    cfg.validate()
+    excluded = [p for path in exclude for p in load_prompts(path)]  # fail fast, before loading the model
+    if not Path(output).parent.is_dir():
+        raise click.UsageError(f"{Path(output).parent}: no such directory")
+    if threads:
+        torch.set_num_threads(threads)
+    hf_model, tok = load_hf(model)
+    texts = self_prompts(hf_model, tok, cfg, exclude=excluded, progress=not quiet)
+    write_prompts(output, texts)
+    print(f"{len(texts)} prompts written by {model} itself (seed {seed}, temperature {temperature}) -> {output}")
+    return 0
+
+
+command.add_command(prompts)

@@ -122,26 +122,58 @@ def compute_hidden(model, samples: list[tuple[list[int], list[int]]], batch_toke
     return HiddenSet(torch.cat(out, 0), tokens, [len(r) for _, r in samples])
 
 
-def cached_hidden(model, samples, cache_dir: Path, fingerprint: str, batch_tokens: int,
-                  progress: bool = True, log=print) -> HiddenSet:
-    """``compute_hidden`` through an on-disk cache keyed by the model fingerprint and the samples."""
-    import torch
-    from safetensors.torch import load_file, save
-
+def _running_keys(fingerprint: str, samples) -> list[str]:
+    """The cache key of every prefix of ``samples``: key ``i`` names the hidden states of ``samples[:i + 1]``."""
     h = hashlib.sha256(fingerprint.encode())
+    keys = []
     for p, r in samples:
         h.update(json.dumps([p, r], separators=(",", ":")).encode())
-    path = Path(cache_dir) / f"hidden-{h.hexdigest()[:20]}.safetensors"
-    if path.is_file():
-        try:
-            t = load_file(str(path))
-            hs = HiddenSet(t["hidden"], t["tokens"], t["lengths"].tolist())
-            if len(hs) == sum(len(r) for _, r in samples) and hs.lengths == [len(r) for _, r in samples]:
-                log(f"hidden states: cached ({path})")
-                return hs
-        except Exception:  # corrupt cache: recompute
-            pass
-    hs = compute_hidden(model, samples, batch_tokens, progress)
+        keys.append(h.copy().hexdigest()[:20])
+    return keys
+
+
+def _load_hidden(path: Path, samples) -> HiddenSet | None:
+    """The cached hidden states of ``samples`` at ``path``, None when missing, damaged or of other samples."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        t = load_file(str(path))
+        hs = HiddenSet(t["hidden"], t["tokens"], t["lengths"].tolist())
+    except Exception:  # corrupt cache: recompute
+        return None
+    if len(hs) == sum(len(r) for _, r in samples) and hs.lengths == [len(r) for _, r in samples]:
+        return hs
+    return None
+
+
+def cached_hidden(model, samples, cache_dir: Path, fingerprint: str, batch_tokens: int,
+                  progress: bool = True, log=print) -> HiddenSet:
+    """``compute_hidden`` through an on-disk cache keyed by the model fingerprint and the samples.
+
+    Samples appended to an earlier run's (more prompts files, say) reuse its cache for the samples they
+    share: the longest cached prefix is loaded and only the rest is computed."""
+    import torch
+    from safetensors.torch import save
+
+    keys = _running_keys(fingerprint, samples)
+    path = Path(cache_dir) / f"hidden-{keys[-1]}.safetensors"
+    hs = _load_hidden(path, samples)
+    if hs is not None:
+        log(f"hidden states: cached ({path})")
+        return hs
+    head = None
+    for k in range(len(samples) - 1, 0, -1):
+        head = _load_hidden(Path(cache_dir) / f"hidden-{keys[k - 1]}.safetensors", samples[:k])
+        if head is not None:
+            log(f"hidden states: the first {k} of {len(samples)} samples cached, computing the rest")
+            break
+    done = len(head.lengths) if head is not None else 0
+    hs = compute_hidden(model, samples[done:], batch_tokens, progress)
+    if head is not None:
+        hs = HiddenSet(torch.cat([head.hidden, hs.hidden], 0), torch.cat([head.tokens, hs.tokens], 0),
+                       head.lengths + hs.lengths)
     atomic_write(path, save({"hidden": hs.hidden.contiguous(), "tokens": hs.tokens,
                              "lengths": torch.tensor(hs.lengths, dtype=torch.long)}))
     return hs

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import spectrt
@@ -63,12 +64,16 @@ def exclude_prompts(prompts: list[str], paths) -> tuple[list[str], int]:
     return kept, len(prompts) - len(kept)
 
 
-def select_prompts(path: str | os.PathLike, limit: int | None = None, exclude=(),
+def select_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], limit: int | None = None, exclude=(),
                    minimum: int = 1) -> tuple[list[str], str]:
-    """The first ``limit`` prompts of ``path`` less those found in the ``exclude`` files (e.g. the calibration
-    prompts `calibrate tree` measures on, kept out of what heads and tables are made from), and a line saying
-    what went ("" when ``exclude`` is empty). Fewer than ``minimum`` left is a SpectrtError."""
-    texts = load_prompts(path, limit)
+    """The first ``limit`` prompts of the file ``paths`` (or of several files, one after the other) less those
+    found in the ``exclude`` files (e.g. the calibration prompts `calibrate tree` measures on, kept out of what
+    heads and tables are made from), and a line saying what went ("" when ``exclude`` is empty). Fewer than
+    ``minimum`` left is a SpectrtError."""
+    if limit is not None and limit < 1:
+        raise SpectrtError(f"prompt limit must be at least 1, not {limit}")
+    files = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    texts = [p for path in files for p in load_prompts(path)][:limit]
     if not exclude:
         return texts, ""
     texts, dropped = exclude_prompts(texts, exclude)

@@ -300,6 +300,11 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
                                    "counts": [1] * len(ids), "special_ids": [], "generated_tokens": len(ids)}))
     assert main(argv + ["--train-vocab", "64", "--vocab", str(ranking)]) == 0
     assert json.loads((out / "report.json").read_text())["train_vocab"] == {"size": 64, "ranking": str(ranking)}
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(3, seed=5)))
+    assert main(argv + ["--prompts", str(extra)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["train"]["prompts"] + report["heldout"]["prompts"] == 9
 
 
 def test_response_rows_of_the_shared_cache_equal_compute_hidden(tiny, tmp_path):
@@ -318,6 +323,44 @@ def test_response_rows_of_the_shared_cache_equal_compute_hidden(tiny, tmp_path):
     torch.testing.assert_close(rows.hidden.float(), direct.hidden.float(), atol=2e-3, rtol=0)
     again = sequence_hidden(model, samples, tmp_path, "fp", 4096, progress=False, log=logs.append)
     assert any("cached" in m for m in logs) and torch.equal(again.hidden, full.hidden)
+
+
+def test_hidden_cache_reuses_the_samples_an_earlier_run_computed(tiny, tmp_path, monkeypatch):
+    """Samples appended to an earlier run's: its cache serves the shared prefix, only the new ones are computed,
+    and the result equals a computation from scratch."""
+    from spectrt.calibration import distill as distill_mod
+
+    model, _ = tiny
+    first, more = _pattern_samples(4, length=6), _pattern_samples(3, length=5, seed=1)
+    logs = []
+    distill_mod.cached_hidden(model, first, tmp_path, "fp", 4096, progress=False, log=logs.append)
+    computed = []
+    real = distill_mod.compute_hidden
+    monkeypatch.setattr(distill_mod, "compute_hidden", lambda m, s, *a, **k: computed.append(len(s)) or real(m, s, *a, **k))
+    both = distill_mod.cached_hidden(model, first + more, tmp_path, "fp", 4096, progress=False, log=logs.append)
+    assert computed == [3] and "the first 4 of 7 samples cached" in logs[-1]
+    scratch = real(model, first + more, progress=False)
+    assert both.lengths == scratch.lengths and torch.equal(both.tokens, scratch.tokens)
+    torch.testing.assert_close(both.hidden.float(), scratch.hidden.float(), atol=2e-3, rtol=0)
+    again = distill_mod.cached_hidden(model, first + more, tmp_path, "fp", 4096, progress=False, log=logs.append)
+    assert computed == [3] and torch.equal(again.hidden, both.hidden)
+    other = distill_mod.cached_hidden(model, more + first, tmp_path, "fp", 4096, progress=False, log=logs.append)
+    assert computed == [3, 7] and other.lengths == scratch.lengths[4:] + scratch.lengths[:4]  # not a prefix
+
+
+def test_select_prompts_reads_several_files_in_order(tmp_path):
+    from spectrt.calibration.prompts import select_prompts
+
+    a, b, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out.jsonl"
+    a.write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
+    b.write_text('{"prompt": "three"}\n')
+    out.write_text('{"prompt": "two"}\n')
+    assert select_prompts([a, b]) == (["one", "two", "three"], "")
+    assert select_prompts([a, b], limit=2)[0] == ["one", "two"]
+    assert select_prompts([a, b], exclude=[out])[0] == ["one", "three"]
+    assert select_prompts(a)[0] == ["one", "two"]
+    with pytest.raises(SpectrtError, match="limit must be at least 1"):
+        select_prompts([a, b], limit=0)
 
 
 def test_training_on_a_trimmed_vocabulary(tiny, tmp_path):

@@ -14,8 +14,9 @@ _D = DistillConfig()  # every default lives in DistillConfig (options left at No
 
 @command("distill", short_help=HELP)
 @click.option("-m", "--model", required=True, help="built-in name, HF directory or .gguf file")
-@click.option("--prompts", required=True, metavar="FILE",
-              help="JSONL with a 'prompt' or Spec-Bench 'turns' field per line")
+@click.option("--prompts", required=True, multiple=True, metavar="FILE",
+              help="JSONL with a 'prompt' or Spec-Bench 'turns' field per line (repeatable: the files one after "
+                   "the other, e.g. yours and `spectrt calibrate prompts`' self-written ones)")
 @click.option("-o", "--output", required=True, metavar="DIR", help="output heads directory")
 @click.option("--arch", type=click.Choice(["medusa", "hydra", "hydra++"]), default=_D.arch,
               help="draft architecture: medusa, hydra (sequential heads) or hydra++ (+ prefix attention layer, "
@@ -92,7 +93,7 @@ def command(model, prompts, output, quiet, **options) -> int:
                                "(`spectrt calibrate vocab`)")
         cfg.vocab = builtin[0]
     hf_model, tok = load_hf(source)
-    print(f"distilling {cfg.heads} {cfg.arch} heads ({cfg.lm_head} LM head) for {model} on {len(texts)} prompts ({prompts})",
+    print(f"distilling {cfg.heads} {cfg.arch} heads ({cfg.lm_head} LM head) for {model} on {len(texts)} prompts ({', '.join(prompts)})",
           flush=True)
     if cfg.arch in ("hydra", "hydra++"):
         from spectrt.calibration.distill_hydra import distill_hydra

@@ -11,6 +11,8 @@ projection.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from onnx import helper
 
@@ -138,35 +140,61 @@ def skip_norm(g: GraphBuilder, delta: str, x: str, weight: str, eps: float) -> t
     return h, total
 
 
-def fused_tables(g: GraphBuilder, tree: str, past_length: str, shp: _Shapes, inv_freq: np.ndarray,
-                 rope_scaling: float, max_context: int) -> tuple[str, str, str, str, str]:
-    """(bias [B, 1, q, P+q], seqlens_k [B], total length, cos, sin [max_context, D/2]) for the fused layers.
+class FusedTables(NamedTuple):
+    """Per-graph inputs of every fused layer's GroupQueryAttention, computed once."""
+
+    bias: str  # [B, 1, q (+1), P + q (+1)]
+    seqlens: str  # [B] int32: tokens in the cache after the call (+1), minus one
+    total: str  # scalar int32: the same, over the batch
+    cos: str  # [max_context + 2, D/2] fp32 rotary tables
+    sin: str
+    pos: str  # [B, q (+1)] positions
+    q: str | None  # [1]: the call's rows, to drop the dummy row after attention; None: no dummy row
+    last: str | None  # [1]: q - dummy rows, where the rows the dummy copies start
+
+
+def fused_tables(g: GraphBuilder, tree: str, pos: str, past_length: str, shp: _Shapes, inv_freq: np.ndarray,
+                 rope_scaling: float, max_context: int, attention_pad: bool) -> FusedTables:
+    """The GroupQueryAttention inputs shared by the fused layers.
 
     GroupQueryAttention is causal over the slots (a tree's parents precede their children) and adds the bias:
     0 over the past and where ``tree`` allows, finfo.min elsewhere. Rotary tables cover every position the
-    cache can hold, in fp32."""
+    cache can hold, in fp32. ``attention_pad``: a one-row call's attention runs on a dummy row after it (a
+    copy, at its position, seeing everything; its KV lands one slot past the call's and is never committed);
+    calls of two rows or more get none. ORT's GroupQueryAttention multiplies probabilities by V with a GEMV
+    for one row and a GEMM for several, which round differently; with the dummy it never sees one row, so a
+    decode step's attention equals a row of a tree pass bit for bit while its projections still run at one
+    row. The real row sees no more than before: the dummy's slot is after its own, outside its causal span."""
     minval = float(np.finfo(g.np_dtype).min)
     past_zero = g.op("ConstantOfShape", g.op("Concat", shp.batch, shp.q, past_length, axis=0),
                      value=helper.make_tensor("zero", ONNX_DTYPES[g.dtype], [1], [0]))
     tree_bias = g.op("Where", tree, g.const(0.0, "model"), g.const(minval, "model"))  # [B, q, q]
     bias = g.op("Unsqueeze", g.op("Concat", past_zero, tree_bias, axis=2), g.const([1]))
-    total = g.op("Add", past_length, shp.q)  # [B]: tokens in the cache after this call
+    rows, last = shp.q, None
+    if attention_pad:  # one-row calls only: dummy = max(0, 2 - q) rows, copies of the last
+        dummy = g.op("Max", g.op("Sub", g.const([2]), shp.q), g.const([0]))  # [1]: 1 when q = 1, else 0
+        rows, last = g.op("Add", shp.q, dummy), g.op("Sub", shp.q, dummy)
+        bias = g.op("Pad", bias, g.op("Concat", g.const([0, 0, 0, 0, 0, 0]), dummy, dummy, axis=0))  # 0: visible
+        pos = g.op("Concat", pos, g.op("Slice", pos, last, shp.q, g.const([1])), axis=1)
+    total = g.op("Add", past_length, rows)  # [B]: slots in the cache after this call
     seqlens = g.op("Cast", g.op("Sub", total, g.const([1])), to=ONNX_DTYPES["int32"])
     total = g.op("Cast", g.op("ReduceMax", total, keepdims=0), to=ONNX_DTYPES["int32"])  # scalar
-    freqs = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]  # [C, D/2]
+    # GroupQueryAttention wants a table row per slot the call fills: the runner's and attention's dummy rows
+    # at the last position take two past max_context (their positions repeat a real one)
+    freqs = np.arange(max_context + 2, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]  # [C+2, D/2]
     cos, sin = (np.cos(freqs) * np.float32(rope_scaling), np.sin(freqs) * np.float32(rope_scaling))
-    return bias, seqlens, total, g.weight("rope_cos", cos), g.weight("rope_sin", sin)
+    return FusedTables(bias, seqlens, total, g.weight("rope_cos", cos), g.weight("rope_sin", sin), pos,
+                       shp.q if attention_pad else None, last)
 
 
 def fused_decoder_layer(g: GraphBuilder, h: str, x: str, param, dims: DecoderDims, cache: tuple[str, str],
-                        present: tuple, cdims: dict, tables: tuple, pos: str, next_norm: np.ndarray,
+                        present: tuple, cdims: dict, t: FusedTables, next_norm: np.ndarray,
                         name: str) -> tuple[str, str]:
     """One decoder layer in ONNX Runtime's fused ops (batch 1, in-place KV cache). ``h``: the normed input
     [1, q, H], ``x``: the residual stream before it. Returns (h, x) for the next layer: ``next_norm`` (its
     input norm, or the final norm) is applied by the closing SkipSimplifiedLayerNormalization, which also
     adds the residual. ``cache``/``present``: this layer's contract KV input names and output specs."""
     D, KVH, NH, eps = dims.head_dim, dims.kv_heads, dims.num_heads, dims.rms_eps
-    bias, seqlens, total, cos, sin = tables
     quant = g.quant
     projs = [f"self_attn.{p}_proj" for p in "qkv"]
     qkv_bias = quant.fuse([f"{name}.{p}_proj" for p in "qkv"], f"{name}.qkv_proj", [param(f"{p}.bias") for p in projs])
@@ -177,9 +205,13 @@ def fused_decoder_layer(g: GraphBuilder, h: str, x: str, param, dims: DecoderDim
     g.add_output(present[1], cdims, None)
     # packed q/k/v in, rotary applied inside at the caller's positions (past + depth): no Split, no
     # RotaryEmbedding nodes (bit-identical to them, measured; 90 fewer nodes on SmolLM2, ~0.5 ms a step)
-    ctx = g.op("GroupQueryAttention", qkv, "", "", cache[0], cache[1], seqlens, total, cos, sin, pos, bias,
-               outputs=[g.fresh("attn_out"), present[0].name, present[1].name], domain="com.microsoft",
-               num_heads=NH, kv_num_heads=KVH, scale=float(1.0 / np.sqrt(D)), do_rotary=1)[0]  # [1, q, NH D]
+    if t.q is not None:  # the dummy row (fused_tables): a copy of the last
+        qkv = g.op("Concat", qkv, g.op("Slice", qkv, t.last, t.q, g.const([1])), axis=1)
+    ctx = g.op("GroupQueryAttention", qkv, "", "", cache[0], cache[1], t.seqlens, t.total, t.cos, t.sin, t.pos,
+               t.bias, outputs=[g.fresh("attn_out"), present[0].name, present[1].name], domain="com.microsoft",
+               num_heads=NH, kv_num_heads=KVH, scale=float(1.0 / np.sqrt(D)), do_rotary=1)[0]  # [1, q (+1), NH D]
+    if t.q is not None:
+        ctx = g.op("Slice", ctx, g.const([0]), t.q, g.const([1]))  # [1, q, NH D]
     attn = _linear(g, ctx, None, param("self_attn.o_proj.bias"), f"{name}.o_proj")
     h, x = skip_norm(g, attn, x, g.weight(f"{name}.post_norm", param("post_attention_layernorm.weight")), eps)
     mlp_bias = quant.fuse([f"{name}.gate_proj", f"{name}.up_proj"], f"{name}.gate_up_proj",
@@ -227,13 +259,14 @@ def build_base_graph(dims: DecoderDims, weights: HFWeights, inv_freq: np.ndarray
     if fused:
         if max_context < 1:
             raise SpectrtError("the fused (matmulnbits) base graph needs max_context for its rotary tables")
-        tables = fused_tables(g, tree, names["past_length"], shp, inv_freq, rope_scaling, max_context)
+        tables = fused_tables(g, tree, pos, names["past_length"], shp, inv_freq, rope_scaling, max_context,
+                              quant.spec.pads_rows)
         h = g.op("RMSNormalization", x, g.weight("layers.0.input_norm", weights.layer(0, "input_layernorm.weight")),
                  axis=-1, epsilon=dims.rms_eps)
         for i, (past, new) in enumerate(layer_io):
             last = i + 1 == dims.num_layers
             h, x = fused_decoder_layer(g, h, x, lambda n, t=False, i=i: weights.layer(i, n, t), dims, past, new, cdims,
-                                       tables, pos, final_norm if last else weights.layer(i + 1, "input_layernorm.weight"),
+                                       tables, final_norm if last else weights.layer(i + 1, "input_layernorm.weight"),
                                        f"layers.{i}")
         hidden = h
     else:

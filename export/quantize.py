@@ -135,12 +135,15 @@ class QuantSpec:
                            lm_head=self.lm_head or self.embeddings, embeddings=self.embeddings,
                            scheme=record,
                            accuracy_level=ACCURACY_LEVEL if self.format == "matmulnbits" else None,
-                           row_pad=self.pads_rows, awq=self.awq, vocab_bits=self.vocab_bits)
+                           row_pad=self.pads_rows, attention_pad=self.pads_rows, awq=self.awq,
+                           vocab_bits=self.vocab_bits)
 
     @property
     def pads_rows(self) -> bool:
         """matmulnbits exports (ONNX Runtime's fused graph): its int4 MatMulNBits and GroupQueryAttention
-        both have a one-row path that rounds differently (see ``matmul``)."""
+        both have a one-row path that rounds differently (see ``matmul``). The graph gives attention a dummy
+        row of its own (``export.base.fused_decoder_layer``); whether the MatMulNBits need the runner's dummy
+        row too depends on the CPU's kernels, which the runner probes at load (``runtime.ort_runner``)."""
         return self.row_pad and self.quantized and self.format == "matmulnbits"
 
 

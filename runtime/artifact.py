@@ -295,7 +295,9 @@ class WeightsInfo:
     lm_head: bool = False  # the LM head is quantized too (8-bit blocks)
     scheme: str = "symmetric-rtn"  # the projections': one of WEIGHT_SCHEMES (gguf: the source's blocks)
     accuracy_level: int | None = None  # MatMulNBits' accuracy_level (4: int8 activations)
-    row_pad: bool = False  # runners call q = 1 as q = 2 (ORT's one-row kernels round differently)
+    row_pad: bool = False  # runners call q = 1 as q = 2 (ORT's one-row kernels round differently) unless
+    # ``attention_pad`` and a probe at load finds this CPU's one-row MatMulNBits exact (runtime.ort_runner)
+    attention_pad: bool = False  # GroupQueryAttention runs on one dummy row more (in the graph): a spare cache slot
     embeddings: bool = False  # input embeddings quantized (GatherBlockQuantized; a tied LM head shares them)
     awq: bool = False  # activation-aware scales (calibration prompts) before rounding
     vocab_bits: int = VOCAB_WEIGHT_BITS[0]  # of the quantized LM head / embeddings (symmetric blocks)

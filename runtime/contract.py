@@ -25,7 +25,8 @@ KV layout (``KV_LAYOUTS``, recorded per graph in the manifest), one cache per la
 - ``in-place`` (``base`` in ONNX Runtime's fused form, ``BASE_IN_PLACE``): head-major
   ``[batch, kv_heads, capacity, head_dim]``, the whole cache bound as ``cache_*`` input and as ``present_*``
   output (one buffer: ORT's GroupQueryAttention writes the q new rows at ``past_length`` and reads the
-  past where it lies, so the graph copies no past either).
+  past where it lies, so the graph copies no past either). A graph whose manifest records
+  ``weights.attention_pad`` also writes one dummy row's KV at ``past_length + q``: capacity holds a spare slot.
 
 Rolling back is moving the integer ``past`` in both.
 

@@ -109,7 +109,7 @@ class OrtKVRunner:
 
     def __init__(self, artifact: Artifact, graph: str, max_q: int, provider: str = DEFAULT_PROVIDER,
                  max_context: int | None = None, threads: int | None = None, spin: bool = True,
-                 pad_single: bool = False):
+                 pad_single: bool = False, spare_slots: int = 0):
         if max_q < 1:
             raise SpectrtError(f"max_q must be >= 1, got {max_q}")
         self.artifact, self.graph, self.spec = artifact, graph, artifact.spec(graph)
@@ -118,6 +118,7 @@ class OrtKVRunner:
         self.max_q = max_q
         self.max_context = min(max_context or artifact.max_context, artifact.max_context)
         self.pad_single = pad_single  # run q = 1 as q = 2 (see _padded)
+        self.spare_slots = spare_slots  # cache slots past max_context the graph itself writes (attention's dummy row)
         self.loader = SessionFromOnnx(artifact.graph_path(graph), provider, threads, spin)
         self.session = self.binding = None
         self.past = 0
@@ -132,7 +133,8 @@ class OrtKVRunner:
     def __enter__(self):
         self.session = self.loader()
         check_session(self.session, self.graph, self.spec, self.dims, self.artifact.dtype)
-        rows, kvh, hd = self.max_context + self.pad_single, self.dims["kv_heads"], self.dims["head_dim"]  # + a dummy row
+        rows = self.max_context + self.pad_single + self.spare_slots  # + the dummy rows' slots
+        kvh, hd = self.dims["kv_heads"], self.dims["head_dim"]
         kv = (1, kvh, rows, hd) if self.in_place else (rows, 1, kvh, hd)
         layers = self.spec.num_kv_layers(self.dims)
         self.keys = [np.zeros(kv, self.artifact.dtype) for _ in range(layers)]
@@ -245,7 +247,36 @@ class OrtBaseRunner(OrtKVRunner):
                  max_context: int | None = None, threads: int | None = None):
         w = artifact.manifest.weights
         super().__init__(artifact, BASE.name, max_q, provider, max_context, threads, spin=True,
-                         pad_single=w is not None and w.row_pad)
+                         pad_single=w is not None and w.row_pad, spare_slots=int(w is not None and w.attention_pad))
+        self.probe = w is not None and w.row_pad and w.attention_pad  # maybe one-row calls are exact here
+
+    def __enter__(self):
+        super().__enter__()
+        if self.probe:
+            self.pad_single = not self.one_row_exact()
+        return self
+
+    def one_row_exact(self) -> bool:
+        """Whether this CPU's kernels compute a one-token call bit for bit as row 0 of a two-token call (the
+        logits of a decode step and of a tree pass's root), probed on fixed tokens after a short prefix.
+
+        The graph gives attention its own dummy row (``WeightsInfo.attention_pad``); what is left is MatMulNBits,
+        whose one-row kernel rounds like its several-row kernel on some CPUs (measured: AVX-512 VNNI) and not on
+        others (AVX2). MLAS picks a kernel by row count and CPU, never by the data, and any rounding difference
+        reaches the logits through int8 activations and every layer, so one probe decides for the session:
+        exact, one-token calls run as one row; else the runner keeps padding them (``_padded``)."""
+        pad, self.pad_single = self.pad_single, False
+        try:
+            vocab = self.dims["vocab"]
+            prefix = np.arange(1, 5) % vocab
+            self.forward(prefix, np.arange(4), np.tri(4, dtype=bool))
+            self.commit(range(4))
+            one = self.forward(np.array([5 % vocab]), np.array([4]), np.ones((1, 1), bool)).logits[0].copy()
+            two = self.forward(np.array([5 % vocab, 6 % vocab]), np.array([4, 5]), np.tri(2, dtype=bool)).logits[0]
+            return bool(np.array_equal(one, two))
+        finally:
+            self.pad_single = pad
+            self.reset()
 
     def forward(self, input_ids, position_ids, tree_mask) -> BaseOutputs:
         """Run q new tokens after the current past; their KV lands in cache[past:past+q] (not committed)."""

@@ -253,14 +253,21 @@ def test_graph_forms_and_bytes(quant_exports):
     fused = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
     assert fused <= ops["int4-matmulnbits"] and "RotaryEmbedding" not in ops["int4-matmulnbits"]
     gqa = [n for n in m4.graph.node if n.op_type == "GroupQueryAttention"]
-    assert all(n.input[1] == n.input[2] == "" and n.input[9] == "position_ids" for n in gqa)  # packed, rotary inside
+    made_by = {o: n for n in m4.graph.node for o in n.output}
+    assert all(n.input[1] == n.input[2] == "" for n in gqa)  # packed q/k/v
+    # rotary inside, at the caller's positions plus the dummy row's (attention never sees one row)
+    assert all(made_by[n.input[9]].op_type == "Concat" and made_by[n.input[9]].input[0] == "position_ids" for n in gqa)
+    assert all(made_by[n.input[0]].op_type == "Concat" for n in gqa)  # q/k/v rows + the dummy
+    assert sum(n.op_type == "Slice" and n.input[0] in {g.output[0] for g in gqa} for n in m4.graph.node) == len(gqa)
     layer_products = [n for n in m4.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("layers.")]
     assert len(layer_products) == 4 * 2  # 2 layers: qkv, o, gate_up, down
     assert not fused & ops["int4-qdq"]
     assert load_artifact(quant_exports["int4-matmulnbits"]).graph("base").kv_layout == "in-place"
     assert load_artifact(quant_exports["int4-qdq"]).graph("base").kv_layout == "token-major"
-    assert "Pad" not in ops["int4-matmulnbits"]  # one-token calls are padded by the runner, not per product
-    assert load_artifact(quant_exports["int4-matmulnbits"]).manifest.weights.row_pad
+    # no product is padded in the graph: only the attention bias, once, for the dummy row
+    assert sum(n.op_type == "Pad" for n in m4.graph.node) == 1
+    w = load_artifact(quant_exports["int4-matmulnbits"]).manifest.weights
+    assert w.row_pad and w.attention_pad
     size = {n: load_artifact(p).graph("base").bytes for n, p in quant_exports.items()}
     assert size["int4-matmulnbits"] < size["float"] and size["int4-qdq"] < size["float"]
     assert size["int4-embeddings"] < size["int4-matmulnbits"]
@@ -451,6 +458,54 @@ def test_one_token_call_is_a_row_of_a_chunk(quant_exports, name):
         run.commit([0])
         alone = run.forward(np.array([3]), np.array([6]), np.ones((1, 1), bool)).logits[0].copy()
     np.testing.assert_array_equal(alone, chunk)
+
+
+@pytest.mark.parametrize("name", ["int4-matmulnbits", "int8-matmulnbits-head-b128"])
+def test_the_load_probe_pads_exactly_when_one_row_calls_differ(quant_exports, name):
+    """The runner's probe at load (``OrtBaseRunner.one_row_exact``) decides whether one-token calls need the
+    dummy row: it pads iff an unpadded one-token call differs from row 0 of a two-token call (on this CPU),
+    and, either way, the graph's own attention dummy keeps GroupQueryAttention off its one-row path."""
+    from spectrt.runtime.ort_runner import OrtBaseRunner
+
+    art = load_artifact(quant_exports[name])
+    prompt = [5, 9, 13, 2, 7, 4]
+    with OrtBaseRunner(art, max_q=8) as run:
+        decided = run.pad_single
+        run.pad_single = False  # what an unpadded call gives, at another prefix than the probe's
+        run.forward(np.array(prompt), np.arange(6), np.tri(6, dtype=bool))
+        run.commit(range(6))
+        alone = run.forward(np.array([11]), np.array([6]), np.ones((1, 1), bool)).logits[0].copy()
+        chunk = run.forward(np.array([11, 3]), np.array([6, 7]), np.tri(2, dtype=bool)).logits[0].copy()
+    assert decided == (not np.array_equal(alone, chunk))
+
+
+def test_attention_dummy_has_its_slot_at_a_full_context(tiny_models, tmp_path):
+    """The dummy row's KV lands one slot past the call's: decoding up to the last slot of max_context
+    (padded or not) stays inside the cache and equals the causal chunk, then the context is full."""
+    from spectrt.export.exporter import ExportOptions, export_model
+    from spectrt.runtime.ort_runner import ContextFull, OrtBaseRunner
+
+    C = 48  # the export's own checks run 32-token chunks
+    out = export_model(str(tiny_models["llama"]), tmp_path / "e", ExportOptions(max_context=C, weights="int4"),
+                       progress=lambda *_: None)
+    art = load_artifact(out)
+    assert art.manifest.weights.attention_pad
+    ids = (np.arange(C) * 7 + 5) % 250 + 4
+    with OrtBaseRunner(art, max_q=C) as run:
+        for pad in sorted({run.pad_single, True}):  # what the probe chose (exact), and the runner's dummy row
+            run.reset()
+            run.pad_single = pad
+            chunk = run.forward(ids, np.arange(C), np.tri(C, dtype=bool)).greedy_ids.copy()
+            run.reset()
+            run.forward(ids[:C - 4], np.arange(C - 4), np.tri(C - 4, dtype=bool))
+            run.commit(range(C - 4))
+            steps = []
+            for i in range(C - 4, C):
+                steps.append(int(run.forward(ids[i:i + 1], np.array([i]), np.ones((1, 1), bool)).greedy_ids[0]))
+                run.commit([0])
+            assert steps == chunk[C - 4:].tolist()
+            with pytest.raises(ContextFull):
+                run.forward(ids[:1], np.array([C]), np.ones((1, 1), bool))
 
 
 def test_fused_graph_with_projection_biases(tmp_path):

@@ -146,7 +146,7 @@ class FusedTables(NamedTuple):
     bias: str  # [B, 1, q (+1), P + q (+1)]
     seqlens: str  # [B] int32: tokens in the cache after the call (+1), minus one
     total: str  # scalar int32: the same, over the batch
-    cos: str  # [max_context + 2, D/2] fp32 rotary tables
+    cos: str  # [max_context + 1, D/2] fp32 rotary tables
     sin: str
     pos: str  # [B, q (+1)] positions
     q: str | None  # [1]: the call's rows, to drop the dummy row after attention; None: no dummy row
@@ -179,9 +179,9 @@ def fused_tables(g: GraphBuilder, tree: str, pos: str, past_length: str, shp: _S
     total = g.op("Add", past_length, rows)  # [B]: slots in the cache after this call
     seqlens = g.op("Cast", g.op("Sub", total, g.const([1])), to=ONNX_DTYPES["int32"])
     total = g.op("Cast", g.op("ReduceMax", total, keepdims=0), to=ONNX_DTYPES["int32"])  # scalar
-    # GroupQueryAttention wants a table row per slot the call fills: the runner's and attention's dummy rows
-    # at the last position take two past max_context (their positions repeat a real one)
-    freqs = np.arange(max_context + 2, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]  # [C+2, D/2]
+    # GroupQueryAttention wants a table row per slot the call fills: a dummy row (the runner's or attention's)
+    # at the last position takes one past max_context (its position repeats a real one)
+    freqs = np.arange(max_context + 1, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]  # [C+1, D/2]
     cos, sin = (np.cos(freqs) * np.float32(rope_scaling), np.sin(freqs) * np.float32(rope_scaling))
     return FusedTables(bias, seqlens, total, g.weight("rope_cos", cos), g.weight("rope_sin", sin), pos,
                        shp.q if attention_pad else None, last)

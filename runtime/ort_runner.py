@@ -133,7 +133,7 @@ class OrtKVRunner:
     def __enter__(self):
         self.session = self.loader()
         check_session(self.session, self.graph, self.spec, self.dims, self.artifact.dtype)
-        rows = self.max_context + self.pad_single + self.spare_slots  # + the dummy rows' slots
+        rows = self.max_context + max(int(self.pad_single), self.spare_slots)  # + a dummy row's slot
         kvh, hd = self.dims["kv_heads"], self.dims["head_dim"]
         kv = (1, kvh, rows, hd) if self.in_place else (rows, 1, kvh, hd)
         layers = self.spec.num_kv_layers(self.dims)

@@ -49,6 +49,15 @@ class HiddenSet:
     def __len__(self):
         return self.hidden.shape[0]
 
+    def select(self, seqs: list[int]) -> HiddenSet:
+        """The rows of sequences ``seqs`` (indices into ``lengths``), in that order."""
+        import torch
+
+        starts = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        idx = [torch.arange(int(starts[i]), int(starts[i + 1])) for i in seqs]
+        idx = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+        return HiddenSet(self.hidden[idx], self.tokens[idx], [self.lengths[i] for i in seqs])
+
     def targets(self, num_heads: int) -> torch.Tensor:
         """``[N, K]`` row index of the token head k must predict (``i+k+1`` within the sample), -1 if outside."""
         import torch
@@ -186,6 +195,21 @@ def sequence_hidden(model, samples, cache_dir: Path, fingerprint: str, batch_tok
     and Hydra train on the response rows (``response_rows``), Hydra++'s prefix layer reads them all."""
     seqs = [([p[0]], list(p[1:]) + list(r)) for p, r in samples]
     return cached_hidden(model, seqs, cache_dir, fingerprint, batch_tokens, progress, log)
+
+
+def split_hidden(model, samples, extra, train_idx: list[int], held_idx: list[int], cache_dir: Path,
+                 fingerprint: str, batch_tokens: int, progress: bool = True,
+                 log=print) -> tuple[HiddenSet, HiddenSet | None]:
+    """``sequence_hidden`` of ``samples[train_idx] + extra`` and of ``samples[held_idx]`` (None if empty).
+
+    Computed as one cache over ``samples + extra`` in their order, then split: the split is a permutation of
+    all samples, so a cache per split would change whenever prompts are added; one over every sample in order
+    is a prefix of the next run's when prompts files are appended (``cached_hidden`` reuses it)."""
+    full = sequence_hidden(model, list(samples) + list(extra), cache_dir, fingerprint, batch_tokens, progress, log)
+    n = len(samples)
+    train = full.select(list(train_idx) + list(range(n, n + len(extra))))
+    held = full.select(list(held_idx)) if held_idx else None
+    return train, held
 
 
 def response_rows(full: HiddenSet, samples) -> HiddenSet:
@@ -387,12 +411,10 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
 
     t0 = time.time()
 
-    def rows(part):
-        return response_rows(sequence_hidden(model, part, cache_dir, fingerprint, cfg.hidden_batch_tokens,
-                                             progress, log), part)
-
-    train = rows([samples[i] for i in train_idx] + list(extra))
-    held = rows([samples[i] for i in held_idx]) if held_idx else None
+    train, held = split_hidden(model, samples, extra, train_idx, held_idx, cache_dir, fingerprint,
+                               cfg.hidden_batch_tokens, progress, log)
+    train = response_rows(train, [samples[i] for i in train_idx] + list(extra))
+    held = response_rows(held, [samples[i] for i in held_idx]) if held is not None else None
     timings["hidden_s"] = round(time.time() - t0, 1)
 
     mcfg = MedusaConfig(num_heads=cfg.heads, num_layers=cfg.layers, hidden_size=H, vocab_size=V,

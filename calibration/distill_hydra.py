@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from spectrt.calibration.config import HYDRA_ARCHS, HydraDistillConfig
 from spectrt.calibration.distill import (format_report, lm_head_dtype, optimizer_step, publish_heads, response_rows,
-                                         sequence_hidden, token_rows, training_data, training_optimizer, training_setup,
+                                         split_hidden, token_rows, training_data, training_optimizer, training_setup,
                                          trimmed_rows)
 from spectrt.export.families import rope_tables
 from spectrt.export.hydra import HydraConfig, HydraHeads, prefix_dims, save_hydra
@@ -41,11 +41,9 @@ class SeqData:
         return len(self.hidden)
 
 
-def load_data(model, samples, cache_dir, fingerprint, cfg, full: bool, progress=True, log=print) -> SeqData:
-    """Hidden states from the shared ``sequence_hidden`` cache; ``full``: every position from 0 (Hydra++'s
-    prefix layer reads the whole context), else only the response rows (Hydra, like Medusa)."""
-
-    hs = sequence_hidden(model, samples, cache_dir, fingerprint, cfg.hidden_batch_tokens, progress, log)
+def load_data(hs, samples, full: bool) -> SeqData:
+    """Per-sample hidden states from ``sequence_hidden(samples)`` rows ``hs``; ``full``: every position from 0
+    (Hydra++'s prefix layer reads the whole context), else only the response rows (Hydra, like Medusa)."""
     if full:
         starts = [len(p) - 1 for p, _ in samples]
     else:
@@ -226,10 +224,10 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
     arch = HYDRA_ARCHS[cfg.arch]
     full = arch == "prefix-mlp"
     t0 = time.time()
-    train = load_data(model, [samples[i] for i in train_idx] + list(extra), cache_dir, fingerprint, cfg, full,
-                      progress, log)
-    held = load_data(model, [samples[i] for i in held_idx], cache_dir, fingerprint, cfg, full, progress, log) \
-        if held_idx else None
+    train, held = split_hidden(model, samples, extra, train_idx, held_idx, cache_dir, fingerprint,
+                               cfg.hidden_batch_tokens, progress, log)
+    train = load_data(train, [samples[i] for i in train_idx] + list(extra), full)
+    held = load_data(held, [samples[i] for i in held_idx], full) if held is not None else None
     timings["hidden_s"] = round(time.time() - t0, 1)
 
     emb = model.get_input_embeddings().weight.detach().float()  # frozen E

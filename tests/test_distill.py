@@ -348,6 +348,27 @@ def test_hidden_cache_reuses_the_samples_an_earlier_run_computed(tiny, tmp_path,
     assert computed == [3, 7] and other.lengths == scratch.lengths[4:] + scratch.lengths[:4]  # not a prefix
 
 
+@pytest.mark.parametrize("arch", ["medusa", "hydra++"])
+def test_appending_prompts_computes_only_their_hidden_states(tiny, tmp_path, monkeypatch, arch):
+    """distill's hidden states are one cache over every sample in order, split afterwards: a second run with
+    more samples appended reuses the first run's cache (its seeded split reshuffles every sample) and
+    computes only the new ones."""
+    from spectrt.calibration import distill as distill_mod
+    from spectrt.calibration.distill_hydra import distill_hydra_samples
+    from spectrt.commands.distill import config_from_options
+
+    model, _ = tiny
+    computed = []
+    real = distill_mod.compute_hidden
+    monkeypatch.setattr(distill_mod, "compute_hidden", lambda m, s, *a, **k: computed.append(len(s)) or real(m, s, *a, **k))
+    first, more = _pattern_samples(8, length=6), _pattern_samples(3, length=5, seed=1)
+    run = distill_samples if arch == "medusa" else distill_hydra_samples
+    for samples in (first, first + more):
+        cfg = config_from_options(arch=arch, heads=2, epochs=1, holdout=0.25, cache=str(tmp_path / "cache"))
+        run(model, samples, tmp_path / f"heads{len(samples)}", cfg, progress=False, log=lambda *_: None)
+    assert computed == [8, 3]
+
+
 def test_select_prompts_reads_several_files_in_order(tmp_path):
     from spectrt.calibration.prompts import select_prompts
 

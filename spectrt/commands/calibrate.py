@@ -1,6 +1,6 @@
 """`spectrt calibrate vocab -m MODEL -o VOCAB.json [--size N | --coverage C]`, `spectrt calibrate tree DIR
-[--timings PROFILE.json | --profile P]` and `spectrt calibrate corpus -m MODEL -o TABLE.npz` and `spectrt calibrate prompts -m MODEL -o PROMPTS.jsonl`:
-calibration for draft-side options."""
+[--timings PROFILE.json | --profile P]`, `spectrt calibrate corpus -m MODEL -o TABLE.npz` and `spectrt calibrate
+prompts -m MODEL -o PROMPTS.jsonl`: calibration for draft-side options."""
 from __future__ import annotations
 
 from pathlib import Path

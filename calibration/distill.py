@@ -174,8 +174,8 @@ def cached_hidden(model, samples, cache_dir: Path, fingerprint: str, batch_token
         return hs
     head = None
     for k in range(len(samples) - 1, 0, -1):
-        head = _load_hidden(Path(cache_dir) / f"hidden-{keys[k - 1]}.safetensors", samples[:k])
-        if head is not None:
+        prefix = Path(cache_dir) / f"hidden-{keys[k - 1]}.safetensors"
+        if prefix.is_file() and (head := _load_hidden(prefix, samples[:k])) is not None:
             log(f"hidden states: the first {k} of {len(samples)} samples cached, computing the rest")
             break
     done = len(head.lengths) if head is not None else 0
@@ -198,18 +198,18 @@ def sequence_hidden(model, samples, cache_dir: Path, fingerprint: str, batch_tok
 
 
 def split_hidden(model, samples, extra, train_idx: list[int], held_idx: list[int], cache_dir: Path,
-                 fingerprint: str, batch_tokens: int, progress: bool = True,
-                 log=print) -> tuple[HiddenSet, HiddenSet | None]:
-    """``sequence_hidden`` of ``samples[train_idx] + extra`` and of ``samples[held_idx]`` (None if empty).
+                 fingerprint: str, batch_tokens: int, progress: bool = True, log=print) -> tuple[tuple, tuple]:
+    """((``sequence_hidden`` rows, samples) of ``samples[train_idx] + extra``, the same of
+    ``samples[held_idx]``: (None, []) when it is empty).
 
     Computed as one cache over ``samples + extra`` in their order, then split: the split is a permutation of
     all samples, so a cache per split would change whenever prompts are added; one over every sample in order
     is a prefix of the next run's when prompts files are appended (``cached_hidden`` reuses it)."""
-    full = sequence_hidden(model, list(samples) + list(extra), cache_dir, fingerprint, batch_tokens, progress, log)
-    n = len(samples)
-    train = full.select(list(train_idx) + list(range(n, n + len(extra))))
+    every = list(samples) + list(extra)
+    full = sequence_hidden(model, every, cache_dir, fingerprint, batch_tokens, progress, log)
+    train = list(train_idx) + list(range(len(samples), len(every)))
     held = full.select(list(held_idx)) if held_idx else None
-    return train, held
+    return (full.select(train), [every[i] for i in train]), (held, [samples[i] for i in held_idx])
 
 
 def response_rows(full: HiddenSet, samples) -> HiddenSet:
@@ -411,10 +411,10 @@ def distill_samples(model, samples, out_dir, cfg: DistillConfig, model_name: str
 
     t0 = time.time()
 
-    train, held = split_hidden(model, samples, extra, train_idx, held_idx, cache_dir, fingerprint,
-                               cfg.hidden_batch_tokens, progress, log)
-    train = response_rows(train, [samples[i] for i in train_idx] + list(extra))
-    held = response_rows(held, [samples[i] for i in held_idx]) if held is not None else None
+    (train, train_samples), (held, held_samples) = split_hidden(model, samples, extra, train_idx, held_idx, cache_dir,
+                                                                fingerprint, cfg.hidden_batch_tokens, progress, log)
+    train = response_rows(train, train_samples)
+    held = response_rows(held, held_samples) if held is not None else None
     timings["hidden_s"] = round(time.time() - t0, 1)
 
     mcfg = MedusaConfig(num_heads=cfg.heads, num_layers=cfg.layers, hidden_size=H, vocab_size=V,

@@ -224,10 +224,10 @@ def distill_hydra_samples(model, samples, out_dir, cfg: HydraDistillConfig, mode
     arch = HYDRA_ARCHS[cfg.arch]
     full = arch == "prefix-mlp"
     t0 = time.time()
-    train, held = split_hidden(model, samples, extra, train_idx, held_idx, cache_dir, fingerprint,
-                               cfg.hidden_batch_tokens, progress, log)
-    train = load_data(train, [samples[i] for i in train_idx] + list(extra), full)
-    held = load_data(held, [samples[i] for i in held_idx], full) if held is not None else None
+    (train, train_samples), (held, held_samples) = split_hidden(model, samples, extra, train_idx, held_idx, cache_dir,
+                                                                fingerprint, cfg.hidden_batch_tokens, progress, log)
+    train = load_data(train, train_samples, full)
+    held = load_data(held, held_samples, full) if held is not None else None
     timings["hidden_s"] = round(time.time() - t0, 1)
 
     emb = model.get_input_embeddings().weight.detach().float()  # frozen E

@@ -70,7 +70,7 @@ def user_turn_prefix(tok) -> tuple[list[int], list[int]]:
 def clean(text: str, min_chars: int) -> str | None:
     """The request as kept, or None: stripped; too short, or with template markup left in, is dropped."""
     text = text.strip()
-    if len(text) < min_chars or "<|" in text or _SENTINEL in text:
+    if len(text) < min_chars or "<|" in text:
         return None
     return text
 
@@ -125,10 +125,16 @@ def self_prompts(model, tok, cfg: SelfPromptConfig | None = None, exclude=(), pr
     return kept
 
 
+def check_output(path: str | os.PathLike) -> Path:
+    """``path`` for ``write_prompts``, its directory checked (before minutes of sampling)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise SpectrtError(f"{path.parent}: no such directory")
+    return path
+
+
 def write_prompts(path: str | os.PathLike, prompts: list[str]) -> Path:
     """``prompts`` as JSONL ``{"prompt": ...}`` lines, written atomically."""
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise SpectrtError(f"{path.parent}: no such directory")
+    path = check_output(path)
     atomic_write(path, "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts).encode())
     return path

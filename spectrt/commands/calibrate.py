@@ -197,15 +197,14 @@ def prompts(model, output, count, seed, temperature, max_new_tokens, min_chars, 
     import torch
 
     from spectrt.calibration.prompts import load_prompts
-    from spectrt.calibration.self_prompts import self_prompts, write_prompts
+    from spectrt.calibration.self_prompts import check_output, self_prompts, write_prompts
     from spectrt.export.sources import load_hf
 
     cfg = SelfPromptConfig(count=count, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens,
                            min_chars=min_chars, batch_size=batch_size)
     cfg.validate()
     excluded = [p for path in exclude for p in load_prompts(path)]  # fail fast, before loading the model
-    if not Path(output).parent.is_dir():
-        raise click.UsageError(f"{Path(output).parent}: no such directory")
+    check_output(output)
     if threads:
         torch.set_num_threads(threads)
     hf_model, tok = load_hf(model)

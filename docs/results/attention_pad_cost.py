@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from spectrt.runtime.session import SessionConfig, SpecSession
+
 CACHE_ROWS = 2048  # KV buffer rows; every context must fit
 
 
@@ -34,6 +36,7 @@ class Bound:
     def __init__(self, path: str, threads: int, oga: bool):
         self.s, self.oga = session(path, threads), oga
         self.b = self.s.io_binding()
+        self.bound: list[np.ndarray] = []  # every buffer bound by pointer, kept alive here
         self.ids = np.full((1, 1), 42, np.int64)
         self.pos, self.past = np.zeros((1, 1), np.int64), np.zeros(1, np.int64)
         self.mask = np.ones((1, CACHE_ROWS), np.int64)
@@ -59,8 +62,7 @@ class Bound:
     def _bind(self, name, arr, output=False):
         (self.b.bind_output if output else self.b.bind_input)(name, "cpu", 0, arr.dtype, list(arr.shape),
                                                               arr.ctypes.data)
-        if not output:
-            setattr(self, f"_keep_{name}", arr)
+        self.bound.append(arr)
 
     def call(self, past: int) -> None:
         if self.oga:
@@ -73,8 +75,6 @@ class Bound:
 
 def one_row_exact(export: str, threads: int) -> float:
     """max |logits of a one-token call - row 0 of a two-token call| after a 4-token prefix (spectrt's runner)."""
-    from spectrt.runtime.session import SessionConfig, SpecSession
-
     with SpecSession(export, SessionConfig(mode="ar", threads=threads)) as s:
         b = s.base
         b.pad_single = False  # the graph as it is: no whole-call padding by the runner

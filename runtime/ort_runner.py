@@ -265,6 +265,11 @@ class OrtBaseRunner(OrtKVRunner):
         others (AVX2). MLAS picks a kernel by row count and CPU, never by the data, and any rounding difference
         reaches the logits through int8 activations and every layer, so one probe decides for the session:
         exact, one-token calls run as one row; else the runner keeps padding them (``_padded``)."""
+        return self.one_row_gap() == 0.0
+
+    def one_row_gap(self) -> float:
+        """max |logits of a one-token call - logits of row 0 of a two-token call| on the probe's fixed tokens
+        (``one_row_exact``), the one-token call unpadded whatever this runner's setting; NaN if either is NaN."""
         pad, self.pad_single = self.pad_single, False
         try:
             vocab = self.dims["vocab"]
@@ -273,7 +278,7 @@ class OrtBaseRunner(OrtKVRunner):
             self.commit(range(4))
             one = self.forward(np.array([5 % vocab]), np.array([4]), np.ones((1, 1), bool)).logits[0].copy()
             two = self.forward(np.array([5 % vocab, 6 % vocab]), np.array([4, 5]), np.tri(2, dtype=bool)).logits[0]
-            return bool(np.array_equal(one, two))
+            return float(np.abs(one.astype(np.float64) - two).max())
         finally:
             self.pad_single = pad
             self.reset()

@@ -471,6 +471,8 @@ def test_the_load_probe_pads_exactly_when_one_row_calls_differ(quant_exports, na
     prompt = [5, 9, 13, 2, 7, 4]
     with OrtBaseRunner(art, max_q=8) as run:
         decided = run.pad_single
+        gap = run.one_row_gap()  # the probe as a number: 0 exactly when it decided not to pad
+        assert decided == (gap != 0.0) and run.pad_single == decided and run.past == 0  # setting kept, cache reset
         run.pad_single = False  # what an unpadded call gives, at another prefix than the probe's
         run.forward(np.array(prompt), np.arange(6), np.tri(6, dtype=bool))
         run.commit(range(6))

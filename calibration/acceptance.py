@@ -25,7 +25,7 @@ from spectrt.runtime.artifact import Artifact, DraftInfo
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder
 from spectrt.runtime.hydra import PREFIX_MAX_Q, EmbeddingTable
-from spectrt.runtime.lookup import DEFAULT_MAX_TOKENS, NgramIndex
+from spectrt.runtime.lookup import DEFAULT_CHAIN, NgramIndex
 from spectrt.runtime.protocols import Runners
 from spectrt.runtime.session import SessionConfig, SpecSession
 
@@ -156,7 +156,8 @@ def _rank(top: np.ndarray, want: np.ndarray) -> np.ndarray:
     return np.where(hit.any(-1), hit.argmax(-1), -1)
 
 
-def _positions(replay: _Replay, hidden: np.ndarray, seq: np.ndarray, first: int, lookup_tokens: int) -> Positions:
+def _positions(replay: _Replay, hidden: np.ndarray, seq: np.ndarray, first: int,
+               lookup_chain: tuple[int, ...]) -> Positions:
     K = replay.draft.num_heads
     ts = np.arange(first, len(seq) - K - 1)  # steps whose K drafted depths all have a base token to compare
     top = replay.top(replay.context(hidden), seq, ts)
@@ -166,7 +167,8 @@ def _positions(replay: _Replay, hidden: np.ndarray, seq: np.ndarray, first: int,
     chains = np.full((len(ts), K), -1, np.int64)  # chain tokens by depth (-1: none)
     length, hits = np.zeros(len(ts), np.int64), np.zeros(len(ts), np.int64)
     for i, t in enumerate(ts):
-        chain = index.continuation(int(seq[t + 1]), lookup_tokens)
+        root = int(seq[t + 1])
+        chain = index.continuation(root, index.chain_tokens(root, lookup_chain))
         index.extend([int(seq[t + 1])])
         length[i] = len(chain)
         truth = seq[t + 2:t + 2 + len(chain)]
@@ -180,7 +182,7 @@ def _positions(replay: _Replay, hidden: np.ndarray, seq: np.ndarray, first: int,
 
 
 def measure_acceptance(root, prompt_ids: list[list[int]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                       threads: int | None = None, lookup_tokens: int = DEFAULT_MAX_TOKENS,
+                       threads: int | None = None, lookup_chain: tuple[int, ...] = DEFAULT_CHAIN,
                        progress=lambda it: it) -> Acceptance:
     """Replay the draft heads of the export ``root`` at every position of the base's greedy continuation of
     each prompt (token ids); ``progress`` wraps the prompt iterator (a tqdm bar)."""
@@ -201,7 +203,7 @@ def measure_acceptance(root, prompt_ids: list[list[int]], max_new_tokens: int = 
                 continue  # a calibration prompt too long for the export's context
             res = decoder.generate(ids, max_new_tokens)
             seq = np.asarray(list(ids) + res.tokens, np.int64)
-            pos = _positions(replay, recorder.hidden(), seq, len(ids) - 1, lookup_tokens)
+            pos = _positions(replay, recorder.hidden(), seq, len(ids) - 1, lookup_chain)
             if len(pos):
                 sequences.append(pos)
         kind = "hydra++" if draft.is_hydra_plus else draft.kind

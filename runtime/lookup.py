@@ -4,10 +4,11 @@ current suffix in the prompt and the text generated so far.
 The drafter keeps every committed token (``observe``: prompt chunks, then each step's accepted path) and
 an index n-gram -> end position of its most recent occurrence, updated per token (O(max_ngram) each), so a
 step costs a few dict lookups, never a rescan of the context. To draft after ``root`` it matches the last
-n tokens of ``history + [root]`` (n = max_ngram down to min_ngram) and proposes the ``max_tokens`` tokens
-that followed the most recent earlier occurrence, as one chain (a match close to the end repeats its
-period); with ``branches`` > 1 also earlier occurrences' continuations (other next tokens) as sibling chains;
-no match: the root alone (a step then costs what an autoregressive step costs).
+n tokens of ``history + [root]`` (n = max_ngram down to min_ngram) and proposes the tokens that followed the
+most recent earlier occurrence, as one chain (a match close to the end repeats its period): as many as the
+match's length earns (``DEFAULT_CHAIN``: a longer match is likelier to go on as before); with ``branches`` > 1
+also earlier occurrences' continuations (other next tokens) as sibling chains; no match: the root alone (a
+step then costs what an autoregressive step costs).
 """
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ from spectrt.runtime.tree import ROOT_ONLY, Draft, Tree
 
 DEFAULT_MAX_NGRAM = 3
 DEFAULT_MIN_NGRAM = 1
-DEFAULT_MAX_TOKENS = 4  # measured on SmolLM2 CPU: 4 beat 2 and 8 (a longer chain costs more verify than it gains)
+# chain tokens after a match of 1, 2, 3 tokens (the last entry for longer matches). Measured on SmolLM2 fp32,
+# 2 CPU threads, lookup+corpus, outputs = AR, side by side: 2/4/6 gave 1.55x AR where 4 tokens after any
+# match gave 1.51x (the 39 bundled Spec-Bench questions), 1.63x vs 1.62x and 1.66x vs 1.63x (two sets of 20
+# other Spec-Bench dev questions); a fixed 3, 5 or 6 did no better than 4 (each extra row costs verify time
+# on a CPU, so only tokens likely to be accepted earn one, and a longer match is likelier to go on)
+DEFAULT_CHAIN = (2, 4, 6)
+DEFAULT_MAX_TOKENS = max(DEFAULT_CHAIN)  # the longest chain: the rows a lookup may take from a verify call
 # node budget >= b: (chain tokens, branches) of a lookup sharing that budget with the heads' dynamic tree;
 # the best measured per budget by docs/results/tree_budget_sweep.py (SmolLM2, Hydra++ and Medusa alike)
 BUDGET_SIZES = ((64, 16, 3), (32, 8, 3), (16, 8, 1))
@@ -57,6 +64,14 @@ class NgramIndex:
         found = self.continuations(root, k, 1)
         return found[0] if found else []
 
+    def chain_tokens(self, root: int, chain: tuple[int, ...]) -> int:
+        """How many tokens to draft after ``root``: ``chain[n - 1]`` for a match of n tokens (the last entry
+        for longer ones), 0 with no match. One entry: that many whatever the match."""
+        if len(chain) == 1:
+            return chain[0]
+        n = self.match_length(root)
+        return chain[min(n, len(chain)) - 1] if n else 0
+
     def match_length(self, root: int) -> int:
         """n of the longest n-gram ending in ``root`` that occurred before (0: none)."""
         seq = self.tokens
@@ -85,15 +100,17 @@ class NgramIndex:
 
 
 class LookupDrafter:
-    """Drafts continuations of the last n-gram's matches in the context: the most recent match's as one chain
-    of up to ``max_tokens``, and with ``branches`` > 1 other matches' (distinct next tokens) as sibling chains
-    in whatever budget is left."""
+    """Drafts continuations of the last n-gram's matches in the context: the most recent match's as one chain,
+    and with ``branches`` > 1 other matches' (distinct next tokens) as sibling chains in whatever budget is
+    left. ``max_tokens``: each chain's length, one number, or one per match length (``DEFAULT_CHAIN``)."""
 
-    def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS, max_ngram: int = DEFAULT_MAX_NGRAM,
+    def __init__(self, max_tokens: int | tuple[int, ...] = DEFAULT_CHAIN, max_ngram: int = DEFAULT_MAX_NGRAM,
                  min_ngram: int = DEFAULT_MIN_NGRAM, branches: int = 1):
-        if max_tokens < 1 or branches < 1:
-            raise SpectrtError(f"lookup drafter: max_tokens and branches must be at least 1, not {max_tokens}, {branches}")
-        self.max_tokens, self.branches = max_tokens, branches
+        chain = (max_tokens,) if isinstance(max_tokens, int) else tuple(max_tokens)
+        if not chain or min(chain) < 1 or branches < 1:
+            raise SpectrtError(f"lookup drafter: chain lengths and branches must be at least 1, not {max_tokens}, {branches}")
+        self.chain, self.branches = chain, branches
+        self.max_tokens = max(chain)
         self.index = NgramIndex(max_ngram, min_ngram)
 
     @classmethod
@@ -131,7 +148,8 @@ class LookupDrafter:
         self.index.truncate(len(self.index.tokens) - n)
 
     def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
-        chains = self.index.continuations(int(root), min(self.max_tokens, budget - 1), self.branches)
+        k = min(self.index.chain_tokens(int(root), self.chain), budget - 1)
+        chains = self.index.continuations(int(root), k, self.branches) if k > 0 else []
         if not chains:
             return Draft(np.array([root], np.int64), ROOT_ONLY)
         tokens, parent = [int(root)], [-1]
@@ -145,4 +163,5 @@ class LookupDrafter:
         return Draft(np.array(tokens, np.int64), Tree.from_parents(parent))
 
 
-__all__ = ["LookupDrafter", "NgramIndex", "BUDGET_SIZES", "DEFAULT_MAX_NGRAM", "DEFAULT_MIN_NGRAM", "DEFAULT_MAX_TOKENS"]
+__all__ = ["LookupDrafter", "NgramIndex", "BUDGET_SIZES", "DEFAULT_MAX_NGRAM", "DEFAULT_MIN_NGRAM", "DEFAULT_CHAIN",
+           "DEFAULT_MAX_TOKENS"]

@@ -11,7 +11,7 @@ from spectrt.runtime.artifact import load_artifact
 from spectrt.runtime.drafters import MergedDrafter
 from spectrt.runtime.errors import SpectrtError
 from spectrt.runtime.generate import Decoder
-from spectrt.runtime.lookup import LookupDrafter, NgramIndex
+from spectrt.runtime.lookup import DEFAULT_CHAIN, LookupDrafter, NgramIndex
 from spectrt.runtime.ort_runner import OrtBaseRunner
 from spectrt.runtime.tree import Draft, Tree
 from tests.test_speculative import PROMPT, OracleDrafter, closed_tree, paths_strategy
@@ -76,6 +76,22 @@ def test_lookup_drafter_chain_and_budget():
     assert d.draft(99, H, budget=5).tree.size == 1  # no match: the root alone
     d.reset()
     assert d.draft(11, H, budget=5).tree.size == 1
+
+
+def test_chain_length_follows_the_match_length():
+    """A chain per match length (``DEFAULT_CHAIN``'s form): a 1-token match drafts chain[0] tokens, a 2-token
+    match chain[1], a 3-token (or longer) match chain[2]; one number drafts that many after any match."""
+    for history, want in (([10, 11, 12, 13, 14, 20], [12]),  # only (11) occurred before
+                          ([10, 11, 12, 13, 14, 10], [12, 13]),  # (10, 11) did
+                          ([9, 10, 11, 12, 13, 14, 15, 9, 10], [12, 13, 14])):  # (9, 10, 11) did
+        d = LookupDrafter(max_tokens=(1, 2, 3), max_ngram=3)
+        d.observe(H[None], np.array(history))
+        assert d.draft(11, H, budget=8).tokens.tolist() == [11] + want
+        assert d.index.chain_tokens(11, (1, 2, 3)) == len(want) and d.index.chain_tokens(11, (5,)) == 5
+    assert d.index.chain_tokens(99, (1, 2, 3)) == 0  # no match: no chain
+    assert LookupDrafter().max_tokens == max(DEFAULT_CHAIN) and LookupDrafter(3).chain == (3,)
+    with pytest.raises(SpectrtError):
+        LookupDrafter(max_tokens=(2, 0))
 
 
 def test_branches_are_other_matches():

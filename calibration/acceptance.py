@@ -169,7 +169,7 @@ def _positions(replay: _Replay, hidden: np.ndarray, seq: np.ndarray, first: int,
     for i, t in enumerate(ts):
         root = int(seq[t + 1])
         chain = index.continuation(root, index.chain_tokens(root, lookup_chain))
-        index.extend([int(seq[t + 1])])
+        index.extend([root])
         length[i] = len(chain)
         truth = seq[t + 2:t + 2 + len(chain)]
         hits[i] = next((j for j, (a, b) in enumerate(zip(chain, truth)) if a != b), min(len(chain), len(truth)))

@@ -106,7 +106,7 @@ class LookupDrafter:
 
     def __init__(self, max_tokens: int | tuple[int, ...] = DEFAULT_CHAIN, max_ngram: int = DEFAULT_MAX_NGRAM,
                  min_ngram: int = DEFAULT_MIN_NGRAM, branches: int = 1):
-        chain = (max_tokens,) if isinstance(max_tokens, int) else tuple(max_tokens)
+        chain = tuple(int(k) for k in np.atleast_1d(max_tokens))  # one length, or one per match length
         if not chain or min(chain) < 1 or branches < 1:
             raise SpectrtError(f"lookup drafter: chain lengths and branches must be at least 1, not {max_tokens}, {branches}")
         self.chain, self.branches = chain, branches

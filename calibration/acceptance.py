@@ -168,7 +168,7 @@ def _positions(replay: _Replay, hidden: np.ndarray, seq: np.ndarray, first: int,
     length, hits = np.zeros(len(ts), np.int64), np.zeros(len(ts), np.int64)
     for i, t in enumerate(ts):
         root = int(seq[t + 1])
-        chain = index.continuation(root, index.chain_tokens(root, lookup_chain))
+        chain = index.continuation(root, lookup_chain)
         index.extend([root])
         length[i] = len(chain)
         truth = seq[t + 2:t + 2 + len(chain)]

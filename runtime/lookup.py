@@ -58,19 +58,12 @@ class NgramIndex:
         self.reset()
         self.extend(kept)
 
-    def continuation(self, root: int, k: int) -> list[int]:
-        """``k`` tokens that followed the most recent earlier occurrence of the longest matching
-        suffix of ``history + [root]`` (n from max_n down to min_n); [] when nothing matches."""
+    def continuation(self, root: int, k: int | tuple[int, ...]) -> list[int]:
+        """The tokens that followed the most recent earlier occurrence of the longest matching suffix of
+        ``history + [root]`` (n from max_n down to min_n), ``k`` of them (``continuations``); [] when nothing
+        matches."""
         found = self.continuations(root, k, 1)
         return found[0] if found else []
-
-    def chain_tokens(self, root: int, chain: tuple[int, ...]) -> int:
-        """How many tokens to draft after ``root``: ``chain[n - 1]`` for a match of n tokens (the last entry
-        for longer ones), 0 with no match. One entry: that many whatever the match."""
-        if len(chain) == 1:
-            return chain[0]
-        n = self.match_length(root)
-        return chain[min(n, len(chain)) - 1] if n else 0
 
     def match_length(self, root: int) -> int:
         """n of the longest n-gram ending in ``root`` that occurred before (0: none)."""
@@ -80,17 +73,22 @@ class NgramIndex:
                 return n
         return 0
 
-    def continuations(self, root: int, k: int, branches: int) -> list[list[int]]:
-        """Up to ``branches`` continuations of ``history + [root]`` (``k`` tokens each) with distinct first
-        tokens: longest matching suffix first, most recent occurrence first."""
-        seq, out, firsts = self.tokens, [], set()
+    def continuations(self, root: int, k: int | tuple[int, ...], branches: int, limit: int | None = None) -> list[list[int]]:
+        """Up to ``branches`` continuations of ``history + [root]`` with distinct first tokens: longest matching
+        suffix first, most recent occurrence first. Each ``k`` tokens long -- or, ``k`` a tuple, ``k[n - 1]``
+        for a longest match of n tokens (the last entry for longer ones) -- and at most ``limit``."""
+        seq, out, firsts, size = self.tokens, [], set(), None
         for n in range(min(self.max_n, len(seq) + 1), self.min_n - 1, -1):
             key = tuple(seq[len(seq) - n + 1:]) + (root,) if n > 1 else (root,)
-            for end in reversed(self.ends.get(key, ())):
+            ends = self.ends.get(key, ())
+            if ends and size is None:  # n is the longest match: it sizes every chain
+                size = k[min(n, len(k)) - 1] if isinstance(k, tuple) else int(k)
+                size = size if limit is None else min(size, limit)
+            for end in reversed(ends):
                 # what followed the match, then (if that runs into the root) the same period again:
                 # full = history + [root] is predicted to continue as full[end + i % period]
                 period = len(seq) + 1 - end
-                cont = [seq[j] if j < len(seq) else root for j in (end + i % period for i in range(k))]
+                cont = [seq[j] if j < len(seq) else root for j in (end + i % period for i in range(size))]
                 if cont and cont[0] not in firsts:
                     firsts.add(cont[0])
                     out.append(cont)
@@ -148,8 +146,7 @@ class LookupDrafter:
         self.index.truncate(len(self.index.tokens) - n)
 
     def draft(self, root: int, hidden: np.ndarray, budget: int) -> Draft:
-        k = min(self.index.chain_tokens(int(root), self.chain), budget - 1)
-        chains = self.index.continuations(int(root), k, self.branches) if k > 0 else []
+        chains = self.index.continuations(int(root), self.chain, self.branches, limit=budget - 1)
         if not chains:
             return Draft(np.array([root], np.int64), ROOT_ONLY)
         tokens, parent = [int(root)], [-1]

@@ -87,8 +87,9 @@ def test_chain_length_follows_the_match_length():
         d = LookupDrafter(max_tokens=(1, 2, 3), max_ngram=3)
         d.observe(H[None], np.array(history))
         assert d.draft(11, H, budget=8).tokens.tolist() == [11] + want
-        assert d.index.chain_tokens(11, (1, 2, 3)) == len(want) and d.index.chain_tokens(11, (5,)) == 5
-    assert d.index.chain_tokens(99, (1, 2, 3)) == 0  # no match: no chain
+        assert d.index.continuation(11, (1, 2, 3)) == want and len(d.index.continuation(11, (5,))) == 5
+        assert d.index.continuation(11, 5) == d.index.continuation(11, (5,))  # one entry: that many, any match
+    assert d.index.continuation(99, (1, 2, 3)) == []  # no match: no chain
     assert LookupDrafter().max_tokens == max(DEFAULT_CHAIN) and LookupDrafter(3).chain == (3,)
     with pytest.raises(SpectrtError):
         LookupDrafter(max_tokens=(2, 0))
